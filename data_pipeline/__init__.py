@@ -1,0 +1,1 @@
+"""Dataset sources -> `.beton` files (FFCV) -> loaders for SSL views, weak augmentation and eval."""

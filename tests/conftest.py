@@ -1,0 +1,46 @@
+"""Shared fixtures: the repo root on sys.path, tiny configs, a Ray instance per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
+    """Overrides that make any recipe run in seconds on CPU (tiny widths, few epochs)."""
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "data.beton_dir": str(tmp_path / "data"),
+        "model.width": "4",
+        "model.proj_hidden_dim": "32",
+        "model.proj_output_dim": "16",
+        "teacher.method.train.epochs": "1",
+        "teacher.method.train.warmup_epochs": "0",
+        "method.train.epochs": "1",
+        "method.train.warmup_epochs": "0",
+        "eval.linear.epochs": "1",
+        "eval.linear.milestones": "[1]",
+        "eval.autoattack.n_examples": "8",
+        "eval.pgd.steps": "2",
+        "+monitor.knn_every": "0",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=3, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,220 @@
+"""Recipes: ordered stages, each one Ray Train run, each handing the next its checkpoint path.
+
+    deacl    : teacher (SimCLR by default) -> student (DeACL) -> evaluate both
+    pretrain : the configured method -> evaluate it
+    evaluate : evaluate an existing checkpoint (+checkpoint=...)
+
+A stage whose `model.pt` (and `stage.json`) already exist in the run folder is skipped, and a
+stage interrupted mid-way resumes from its last Ray checkpoint (same storage path and name).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.checkpoint import MODEL_FILE
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str  # "pretrain" | "evaluate"
+    method: dict[str, Any] | None = None
+    needs: list[str] = field(default_factory=list)  # names of stages whose model this one uses
+    label: str = ""
+
+
+def resolve_recipe(cfg: dict[str, Any]) -> str:
+    if cfg["recipe"] != "auto":
+        return cfg["recipe"]
+    return "deacl" if cfg["method"]["name"] == "deacl" else "pretrain"
+
+
+def plan(cfg: dict[str, Any]) -> list[Stage]:
+    recipe = resolve_recipe(cfg)
+    if recipe == "evaluate":
+        return [Stage("evaluate_model", "evaluate", needs=["checkpoint"], label="model")]
+    if recipe == "deacl":
+        stages = []
+        if not cfg["teacher"].get("checkpoint"):
+            stages.append(Stage("teacher", "pretrain", method=cfg["teacher"]["method"], label="teacher"))
+        stages += [Stage("student", "pretrain", method=cfg["method"], needs=["teacher"], label="student"),
+                   Stage("evaluate_teacher", "evaluate", needs=["teacher"], label="teacher"),
+                   Stage("evaluate_student", "evaluate", needs=["student"], label="student")]
+        return stages
+    return [Stage("train", "pretrain", method=cfg["method"], label=cfg["method"]["name"]),
+            Stage("evaluate", "evaluate", needs=["train"], label=cfg["method"]["name"])]
+
+
+def run_dir(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["output_dir"]) / cfg["run_name"]
+
+
+def init_ray(cfg: dict[str, Any]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    cluster = cfg["cluster"]
+    address = cluster.get("address")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: connect to that cluster
+        ray.init(log_to_driver=True)
+        return
+    needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
+    # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
+    ray.init(num_cpus=needed + 1, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+
+
+def use_gpu(cfg: dict[str, Any]) -> bool:
+    value = cfg["cluster"]["use_gpu"]
+    if value == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(value)
+
+
+def run_train_stage(cfg: dict[str, Any], stage_dict: dict[str, Any], loop: Callable, run_name: str,
+                    callbacks: list | None = None):
+    """One Ray Train run (TorchTrainer over cluster.num_workers workers); returns its Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cluster = cfg["cluster"]
+    gpu = use_gpu(cfg)
+    resources = {"CPU": int(cluster["cpus_per_worker"])}
+    if gpu:
+        resources["GPU"] = float(cluster.get("gpus_per_worker", 1))
+    backend = cluster.get("backend", "auto")
+    if backend == "auto":
+        backend = "nccl" if gpu else "gloo"
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg, "stage": stage_dict},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=int(cluster["num_workers"]), use_gpu=gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cluster["placement_strategy"]),
+        run_config=RunConfig(name=run_name, storage_path=cluster["storage_path"],
+                             failure_config=FailureConfig(max_failures=int(cluster["max_failures"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or []),
+    )
+    return trainer.fit()
+
+
+def _copy_final_model(result, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in os.listdir(d):
+            shutil.copy2(os.path.join(d, name), dest / (name + ".tmp"))
+            os.replace(dest / (name + ".tmp"), dest / name)
+    return dest / MODEL_FILE
+
+
+def run_recipe(cfg: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage of the configured recipe; write results.json/csv; return the results."""
+    from data_pipeline.write import ensure_betons
+    from trainer.evaluation.protocols import evaluate_loop
+    from trainer.train_loop import pretrain_loop
+
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
+    init_ray(cfg)
+    artifacts: dict[str, str] = {}
+    if cfg["teacher"].get("checkpoint"):
+        artifacts["teacher"] = cfg["teacher"]["checkpoint"]
+    if cfg.get("checkpoint"):
+        artifacts["checkpoint"] = str(Path(cfg["checkpoint"]).absolute())
+    evaluations: dict[str, dict[str, float]] = {}
+    t_start = time.time()
+    for stage in plan(cfg):
+        stage_out = out / stage.name
+        done = stage_out / "stage.json"
+        if done.exists():
+            info = json.loads(done.read_text())
+            log(f"[recipe] stage {stage.name}: already complete, reusing {info.get('model_path', stage_out)}")
+            if info.get("model_path"):
+                artifacts[stage.name] = info["model_path"]
+            if info.get("metrics") and stage.kind == "evaluate":
+                evaluations[stage.label] = info["metrics"]
+            continue
+        t0 = time.time()
+        log(f"[recipe] stage {stage.name} ({stage.kind}) starting")
+        if stage.kind == "pretrain":
+            kwargs = {}
+            if stage.method["name"] == "deacl":
+                kwargs["teacher_path"] = artifacts["teacher"]
+            stage_dict = {"name": stage.name, "method": stage.method, "method_kwargs": kwargs}
+            result = run_train_stage(cfg, stage_dict, pretrain_loop, f"{cfg['run_name']}-{stage.name}")
+            model_path = _copy_final_model(result, stage_out)
+            artifacts[stage.name] = str(model_path)
+            info = {"model_path": str(model_path), "metrics": result.metrics,
+                    "seconds": time.time() - t0, "ray_path": result.path}
+        else:
+            stage_dict = {"name": stage.name, "model_path": artifacts[stage.needs[0]],
+                          "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
+            result = run_train_stage(cfg, stage_dict, evaluate_loop, f"{cfg['run_name']}-{stage.name}")
+            _copy_final_model_dir(result, stage_out)
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            evaluations[stage.label] = metrics
+            info = {"model_path": None, "evaluated": stage_dict["model_path"], "metrics": metrics,
+                    "seconds": time.time() - t0, "ray_path": result.path}
+        stage_out.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(info, indent=2, default=str))
+        log(f"[recipe] stage {stage.name} done in {time.time() - t0:.0f}s")
+    results = {"run_name": cfg["run_name"], "run_dir": str(out), "artifacts": artifacts,
+               "evaluations": evaluations, "seconds": time.time() - t_start}
+    write_results(out, results, cfg)
+    return results
+
+
+def _copy_final_model_dir(result, dest: Path) -> None:
+    if result.checkpoint is not None:
+        _copy_final_model(result, dest)
+
+
+def results_rows(evaluations: dict[str, dict[str, float]], protocols: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for label, m in evaluations.items():
+        for p in protocols:
+            if f"{p}_sa" not in m:
+                continue
+            rows.append({"model": label, "protocol": p.upper(), "SA": 100 * m[f"{p}_sa"],
+                         "RA_PGD": 100 * m[f"{p}_ra"],
+                         "AA": 100 * m[f"{p}_aa"] if f"{p}_aa" in m else None,
+                         "AA_n": int(m[f"{p}_aa_n"]) if f"{p}_aa_n" in m else None,
+                         "n_test": int(m.get(f"{p}_n_test", 0))})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
+    head = f"{'model':<12}{'protocol':<10}{'SA':>8}{f'RA(PGD-{pgd_steps})':>14}{'AA':>8}{'AA n':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        aa = f"{r['AA']:8.2f}" if r["AA"] is not None else f"{'-':>8}"
+        lines.append(f"{r['model']:<12}{r['protocol']:<10}{r['SA']:8.2f}{r['RA_PGD']:14.2f}{aa}"
+                     f"{(r['AA_n'] or 0):7d}")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> None:
+    rows = results_rows(results["evaluations"], list(cfg["eval"]["protocols"]))
+    results["table"] = rows
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "protocol", "SA", "RA_PGD", "AA", "AA_n", "n_test"])
+        w.writeheader()
+        w.writerows(rows)
