@@ -29,7 +29,7 @@ def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
         "eval.linear.milestones": "[1]",
         "eval.autoattack.n_examples": "8",
         "eval.pgd.steps": "2",
-        "+monitor.knn_every": "0",
+        "monitor.knn_every": "0",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
