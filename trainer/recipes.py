@@ -56,23 +56,28 @@ def run_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["output_dir"]) / cfg["run_name"]
 
 
+# Worker environment: Ray Train V2 patches print() into its logger *and* Ray forwards stdout,
+# which doubles every progress line; one copy is enough.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def init_ray(cfg: dict[str, Any]) -> None:
+    """Connect to the configured cluster, the one `ray job submit` runs us in, or start Ray locally."""
     import ray
 
     if ray.is_initialized():
         return
     cluster = cfg["cluster"]
-    address = cluster.get("address")
+    address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
         return
-    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: connect to that cluster
-        ray.init(log_to_driver=True)
-        return
+    os.environ.update(WORKER_ENV)
     needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
     # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
     ray.init(num_cpus=needed + 1, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+             runtime_env={"env_vars": {**WORKER_ENV,
+                                       "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
 
 
 def use_gpu(cfg: dict[str, Any]) -> bool:
