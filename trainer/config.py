@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict[str, Any]:
     """Compose conf/ with command-line style overrides, resolve it, make paths absolute, validate."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -35,8 +35,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
         plain = OmegaConf.to_container(cfg, resolve=True)
+    except MissingConfigException as e:
+        # e.g. `method=foo`: name the group, the value and the options that exist.
+        group, _, value = str(e.missing_cfg_file).rpartition("/")
+        options = ", ".join(sorted(e.options or [])) or "see conf/" + group
+        raise ConfigError(f"{group}={value!r} is invalid: no such config; allowed: {options}") from e
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from e
+        raise ConfigError(" ".join(str(e).split())) from e
     return finalize(plain)
 
 
