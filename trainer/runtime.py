@@ -30,10 +30,23 @@ class WorkerContext:
         return self.world_size > 1
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report (with its full metrics dict) at INFO; our epoch line says it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # other Ray versions: keep their logging as it is
+        pass
+
+
 def setup_worker(cfg: Mapping[str, Any]) -> WorkerContext:
     import ray.train
     import ray.train.torch
 
+    _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     threads = int(cfg["cluster"]["cpus_per_worker"])
     torch.set_num_threads(threads)
