@@ -11,6 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+# Tests run on 2 shared cores: one intra-op thread per process avoids oversubscription.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
@@ -40,7 +46,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=3, log_to_driver=True,
+        ray.init(address="local", num_cpus=3, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()

@@ -75,7 +75,8 @@ def init_ray(cfg: dict[str, Any]) -> None:
     os.environ.update(WORKER_ENV)
     needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
     # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
-    ray.init(num_cpus=needed + 1, log_to_driver=True,
+    # address="local": always a fresh instance, never someone else's cluster on this machine.
+    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True,
              runtime_env={"env_vars": {**WORKER_ENV,
                                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
 

@@ -31,13 +31,14 @@ class WorkerContext:
 
 
 def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report (with its full metrics dict) at INFO; our epoch line says it."""
+    """Ray Train logs every report and checkpoint upload at INFO; our epoch line says it all."""
     import logging
 
     try:
-        from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import context as train_context, storage as train_storage
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)
     except ImportError:  # other Ray versions: keep their logging as it is
         pass
 
