@@ -43,6 +43,12 @@ def _fp32(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _self_mask(self_col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool [rows, n_cols] mask with one True per row (F.one_hot would allocate int64: 8x the memory)."""
+    mask = torch.zeros(self_col.shape[0], n_cols, dtype=torch.bool, device=self_col.device)
+    return mask.scatter_(1, self_col[:, None], True)
+
+
 def _rank_offset(local_batch: int) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() * local_batch
@@ -87,9 +93,7 @@ def _multi_positive_nt_xent(views: list[torch.Tensor], temperature: float, gathe
     image = idx.repeat(n_views)  # global image index of each anchor
     view_of_anchor = torch.arange(n_views, device=logits.device).repeat_interleave(local_b)
     self_col = view_of_anchor * full_b + image
-    logits = logits.masked_fill(
-        F.one_hot(self_col, n_views * full_b).bool(), float("-inf")
-    )
+    logits = logits.masked_fill(_self_mask(self_col, n_views * full_b), float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos_cols = torch.stack([v * full_b + image for v in range(n_views)], dim=1)  # [V*B, V]
     pos_mask = pos_cols != self_col[:, None]
@@ -125,7 +129,7 @@ def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: fl
     offset = _rank_offset(b) if gather else 0
     self_col = (torch.arange(v, device=features.device).repeat_interleave(b) * n
                 + (torch.arange(b, device=features.device) + offset).repeat(v))
-    self_mask = F.one_hot(self_col, v * n).bool()
+    self_mask = _self_mask(self_col, v * n)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos = (anchor_labels[:, None] == right_labels[None, :]) & ~self_mask
