@@ -307,16 +307,15 @@ def _knn(encoder, digits) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,overrides,steps,lr", [
-    ("acl", {"variant": "ds"}, 30, 0.1),
-    ("acl", {"variant": "a2a"}, 30, 0.1),
-    ("rocl", {}, 30, 0.1),
-    ("supcon", {}, 30, 0.1),
-    ("supcon", {"adversarial": True}, 30, 0.1),
-    ("supervised", {"loss": "ce"}, 30, 0.1),
-    ("supervised", {"loss": "trades", "attack_steps": 2}, 30, 0.1),
+@pytest.mark.parametrize("name,overrides", [
+    ("acl", {"variant": "ds"}),
+    ("rocl", {}),
+    ("supcon", {}),
+    ("supcon", {"adversarial": True}),
+    ("supervised", {"loss": "ce"}),
+    ("supervised", {"loss": "trades", "attack_steps": 2}),
 ])
-def test_learns_on_digits(digits, name, overrides, steps, lr):
+def test_learns_on_digits(digits, name, overrides, steps=20, lr=0.1):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     _, method = make(name, steps=2, **overrides)
@@ -339,7 +338,7 @@ def test_learns_on_digits(digits, name, overrides, steps, lr):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     knn = _knn(method.export_encoder(), digits)
     print(f"{name} {overrides}: loss {first:.3f} -> {last:.3f}, kNN {knn_init:.3f} -> {knn:.3f}")
     assert last < first
