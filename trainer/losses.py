@@ -6,6 +6,9 @@ with the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +30,23 @@ def gather_plain(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@contextlib.contextmanager
+def _fp32(device: torch.device) -> Iterator[None]:
+    """Compute similarity logits in fp32 even inside a bf16 autocast region.
+
+    With T=0.07 the logits reach ~14; bf16 keeps 8 mantissa bits (error ~0.06 per logit), which
+    visibly changes a contrastive loss. The [V*B, V*N] matrix is small, so fp32 costs nothing.
+    """
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _self_mask(self_col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool [rows, n_cols] mask with one True per row (F.one_hot would allocate int64: 8x the memory)."""
+    mask = torch.zeros(self_col.shape[0], n_cols, dtype=torch.bool, device=self_col.device)
+    return mask.scatter_(1, self_col[:, None], True)
 
 
 def _rank_offset(local_batch: int) -> int:
@@ -52,6 +72,12 @@ def multi_positive_nt_xent(views: list[torch.Tensor], temperature: float = 0.5,
     loss = -mean over its positives p of log( exp(s_ap/T) / sum_{k != a} exp(s_ak/T) ).
     `detach_right` reproduces RoCL's reference quirk (similarities with a detached right operand).
     """
+    with _fp32(views[0].device):
+        return _multi_positive_nt_xent([v.float() for v in views], temperature, gather, detach_right)
+
+
+def _multi_positive_nt_xent(views: list[torch.Tensor], temperature: float, gather: bool,
+                            detach_right: bool) -> torch.Tensor:
     local_b = views[0].shape[0]
     anchors = torch.cat([F.normalize(v, dim=1) for v in views], dim=0)  # [V*B, D]
     others = [F.normalize(gather_with_grad(v) if gather else v, dim=1) for v in views]
@@ -67,9 +93,7 @@ def multi_positive_nt_xent(views: list[torch.Tensor], temperature: float = 0.5,
     image = idx.repeat(n_views)  # global image index of each anchor
     view_of_anchor = torch.arange(n_views, device=logits.device).repeat_interleave(local_b)
     self_col = view_of_anchor * full_b + image
-    logits = logits.masked_fill(
-        F.one_hot(self_col, n_views * full_b).bool(), float("-inf")
-    )
+    logits = logits.masked_fill(_self_mask(self_col, n_views * full_b), float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos_cols = torch.stack([v * full_b + image for v in range(n_views)], dim=1)  # [V*B, V]
     pos_mask = pos_cols != self_col[:, None]
@@ -82,7 +106,14 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None,
     """Supervised contrastive loss (Khosla et al.), `features` [B, V, D]; no labels -> SimCLR.
 
     For each anchor: -1/|P(a)| sum_p log softmax over all other views, P(a) = same label.
+    (Khosla et al.'s code also multiplies by temperature/base_temperature; both are 0.07 here.)
     """
+    with _fp32(features.device):
+        return _supcon(features.float(), labels, temperature, gather)
+
+
+def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+            gather: bool) -> torch.Tensor:
     b, v, _ = features.shape
     feats = F.normalize(features, dim=2)
     if labels is None:
@@ -98,7 +129,7 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None,
     offset = _rank_offset(b) if gather else 0
     self_col = (torch.arange(v, device=features.device).repeat_interleave(b) * n
                 + (torch.arange(b, device=features.device) + offset).repeat(v))
-    self_mask = F.one_hot(self_col, v * n).bool()
+    self_mask = _self_mask(self_col, v * n)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos = (anchor_labels[:, None] == right_labels[None, :]) & ~self_mask
@@ -107,9 +138,16 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None,
 
 def rocl_loss(z_t: torch.Tensor, z_t2: torch.Tensor, z_adv: torch.Tensor,
               temperature: float = 0.5, lam: float = 256.0, gather: bool = True,
-              detach_right: bool = True) -> torch.Tensor:
-    """RoCL: NT-Xent over [t(x); t'(x); t(x)_adv] (all positives) + (1/lam) NT-Xent(adv, t')."""
+              detach_right: bool = True, sum_positives: bool = True) -> torch.Tensor:
+    """RoCL: NT-Xent over [t(x); t'(x); t(x)_adv] (all positives) + (1/lam) NT-Xent(adv, t').
+
+    `sum_positives` keeps the reference code's scale: its NT_xent sums the -log p terms of an
+    anchor's two positives (6 diagonal blocks / 3N), i.e. 2x the mean over positives that
+    `multi_positive_nt_xent` returns; this sets the weight of the 1/lam regulariser.
+    """
     main = multi_positive_nt_xent([z_t, z_t2, z_adv], temperature, gather, detach_right)
+    if sum_positives:
+        main = main * 2
     reg = multi_positive_nt_xent([z_adv, z_t2], temperature, gather, detach_right)
     return main + reg / lam
 

@@ -1,0 +1,345 @@
+"""Methods: config validation, view bookkeeping, checkpoint compatibility, and learning on digits.
+
+The learning tests (`slow`) call `method.training_step` in a plain CPU loop (no Ray, no FFCV) on
+scikit-learn's digits at 16x16 with small torch augmentations, then check that the loss went
+down and that a kNN probe on the exported encoder is well above chance and no worse than at init.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from trainer.attacks import network_mode
+from trainer.checkpoint import load_encoder, save_model
+from trainer.config import METHODS, ConfigError, _check_attack, _check_method
+from trainer.losses import multi_positive_nt_xent, nt_xent, rocl_loss, supcon
+from trainer.methods import METHOD_REGISTRY, build_method
+from trainer.models import Encoder, build_encoder
+from trainer.models.dual_bn import has_dual_bn
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+MODEL = {"arch": "resnet18", "width": 4, "stem_padding": 1, "proj_hidden_dim": 32, "proj_output_dim": 16}
+EPS = 8 / 255
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are far slower than one
+    yield
+    torch.set_num_threads(n)
+
+
+def method_cfg(name: str, **overrides):
+    m = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+    m.update(overrides)
+    return m
+
+
+def make(name: str, steps: int = 2, **overrides):
+    cfg = {"attack": {"eps": EPS, "alpha": 2 / 255, "steps": steps, "norm": "linf"}, "model": MODEL,
+           "data": {"stats": "digits", "num_classes": 10}}
+    m = method_cfg(name, **overrides)
+    METHOD_REGISTRY[name].validate_config(m, "method")
+    return cfg, build_method(cfg, m, CPU)
+
+
+def batch_for(method, b: int = 8, res: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = {"two_view": 2, "three_view": 3, "weak": 1}[method.views]
+    return {"views": [torch.rand(b, 3, res, res, generator=g) for _ in range(n)],
+            "label": torch.randint(0, 3, (b,), generator=g)}
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_every_spec_method_is_registered():
+    assert set(METHODS) <= set(METHOD_REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
+def test_method_yaml_validates(name):
+    m = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+    assert m["name"] == name
+    _check_method("method", m, world_size=1)
+    assert m["views"] == METHOD_REGISTRY[name].views
+
+
+def test_rocl_attack_preset():
+    a = yaml.safe_load((CONF / "attack" / "rocl_pgd7.yaml").read_text())
+    _check_attack("attack", a)
+    assert (a["eps"], a["alpha"], a["steps"], a["norm"]) == (pytest.approx(8 / 255), 0.007, 7, "linf")
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("acl", "variant", "a2b"), ("acl", "temperature", 0), ("acl", "stream_weights", [1.0]),
+    ("acl", "stream_weights", [0, 0]), ("acl", "attack_train_mode", "yes"), ("acl", "a2s_dual_bn", 1),
+    ("rocl", "lam", 0), ("rocl", "temperature", -1), ("rocl", "detach_right", "true"),
+    ("rocl", "sum_positives", None),
+    ("supcon", "temperature", 0.0), ("supcon", "use_labels", "no"), ("supcon", "adversarial", 1),
+    ("supcon", "adv_weight", -1),
+    ("supervised", "loss", "mart"), ("supervised", "beta", -1), ("supervised", "attack_steps", 0),
+    ("supervised", "attack_steps", 2.5),
+])
+def test_validate_config_names_key_value_and_allowed(name, key, value):
+    m = method_cfg(name, **{key: value})
+    with pytest.raises(ConfigError, match=rf"^method\.{key}=.* is invalid: allowed"):
+        METHOD_REGISTRY[name].validate_config(m, "method")
+
+
+# ---------------------------------------------------------------- ACL
+
+@pytest.mark.parametrize("variant", ["a2a", "a2s", "ds"])
+def test_acl_view_bookkeeping(variant):
+    torch.manual_seed(0)
+    _, method = make("acl", variant=variant)
+    assert has_dual_bn(method.encoder) == (variant != "a2a")
+    batch = batch_for(method)
+    x1, x2 = batch["views"]
+    method.train()
+    x1_adv, x2_adv = method.make_adversarial(x1, x2)
+    assert x1_adv.shape == x1.shape and x2_adv.shape == x2.shape
+    assert 0 < (x1_adv - x1).abs().max() <= EPS + 1e-6
+    if variant == "a2s":
+        assert x2_adv is x2  # A2S: only the first view of each pair is adversarial
+    else:
+        assert 0 < (x2_adv - x2).abs().max() <= EPS + 1e-6
+    # the attack raised the NT-Xent it maximises (pgd BN set, eval mode)
+    enc = method.encoder
+    with torch.no_grad(), network_mode([enc], train=False):
+        def proj(x, route):
+            from trainer.models.dual_bn import bn_route
+            with bn_route(enc, route):
+                return enc(x, project=True)[1]
+        partner_route = "normal" if variant == "a2s" else "pgd"
+        clean = nt_xent(proj(x1, "pgd"), proj(x2, partner_route), 0.5, gather=False)
+        adv = nt_xent(proj(x1_adv, "pgd"), proj(x2_adv, partner_route), 0.5, gather=False)
+    assert adv > clean
+    loss, metrics = method.training_step(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
+
+
+def test_acl_a2s_single_bn_option_and_parallelize_wraps_both_streams():
+    _, method = make("acl", variant="a2s", a2s_dual_bn=False)
+    assert not has_dual_bn(method.encoder) and method.export_encoder() is method.encoder
+    _, ds = make("acl")
+    wrapped = []
+    ds.parallelize(lambda mod: wrapped.append(mod) or mod)
+    # the module DDP wraps holds exactly the encoder's parameters (one forward per step)
+    assert {id(p) for p in wrapped[0].parameters()} == {id(p) for p in ds.encoder.parameters()}
+    ds.train()
+    loss, _ = ds.training_step(batch_for(ds))
+    loss.backward()
+
+
+# ---------------------------------------------------------------- RoCL
+
+def test_rocl_view_bookkeeping():
+    torch.manual_seed(0)
+    _, method = make("rocl", steps=3)
+    batch = batch_for(method)
+    x0, x_t, x_t2 = batch["views"]
+    method.train()
+    x_adv = method.make_adversarial(x_t, x_t2)
+    assert x_adv.shape == x_t.shape
+    assert 0 < (x_adv - x_t).abs().max() <= EPS + 1e-6  # t(x) is the attacked view
+    assert (x_adv - x_t2).abs().max() > 2 * EPS  # not t'(x)
+    enc = method.encoder
+    with torch.no_grad(), network_mode([enc], train=False):
+        z_t2 = enc(x_t2, project=True)[1]
+        clean = multi_positive_nt_xent([enc(x_t, project=True)[1], z_t2], 0.5, gather=False)
+        adv = multi_positive_nt_xent([enc(x_adv, project=True)[1], z_t2], 0.5, gather=False)
+    assert adv > clean  # maximises NT-Xent(t(x)+delta, t'(x))
+    assert enc.training  # modes restored
+    # the loss is rocl_loss over [t; t'; t_adv] from one forward; the original view is unused.
+    # (A train-mode forward moves BN running stats, which the next eval-mode attack reads:
+    # restore the state and the RNG before each repetition.)
+    state = copy.deepcopy(method.encoder.state_dict())
+    torch.manual_seed(1)
+    loss, metrics = method.training_step(batch)
+    method.encoder.load_state_dict(state)
+    torch.manual_seed(1)
+    x_adv = method.make_adversarial(x_t, x_t2)
+    _, z = method.encoder(torch.cat([x_t, x_t2, x_adv]), project=True)
+    expected = rocl_loss(z[:8], z[8:16], z[16:], 0.5, 256.0, gather=False)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    method.encoder.load_state_dict(state)
+    torch.manual_seed(1)
+    other = dict(batch, views=[torch.zeros_like(x0), x_t, x_t2])
+    assert method.training_step(other)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- SupCon
+
+def test_supcon_uses_labels_and_adversarial_view():
+    torch.manual_seed(0)
+    _, method = make("supcon")
+    batch = batch_for(method)
+    x1, x2 = batch["views"]
+    method.train()
+    loss, _ = method.training_step(batch)
+    _, z = copy.deepcopy(method.encoder)(torch.cat([x1, x2]), project=True)  # same BN step as above
+    assert loss.item() == pytest.approx(supcon(torch.stack([z[:8], z[8:]], 1), batch["label"], 0.07).item(),
+                                        rel=1e-4)
+    _, nolab = make("supcon", use_labels=False)
+    assert nolab._labels(batch) is None
+    _, adv = make("supcon", adversarial=True)
+    assert adv.is_adversarial
+    x_adv = adv.make_adversarial(x1, batch["label"])
+    assert 0 < (x_adv - x1).abs().max() <= EPS + 1e-6
+    loss, metrics = adv.training_step(batch)
+    assert set(metrics) == {"loss", "loss_adv", "loss_views"}
+    assert loss.item() == pytest.approx(metrics["loss_adv"].item() + metrics["loss_views"].item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- supervised
+
+@pytest.mark.parametrize("loss_kind", ["ce", "pgd_at", "trades"])
+def test_supervised_head_export_and_checkpoint_roundtrip(loss_kind, tmp_path):
+    torch.manual_seed(0)
+    cfg, method = make("supervised", loss=loss_kind)
+    assert method.attack.steps == 10  # attack_steps overrides the attack group's 2
+    assert any(n.startswith("head.") for n, _ in method.encoder.named_parameters())  # optimiser sees the head
+    method.train()
+    loss, metrics = method.training_step(batch_for(method))
+    loss.backward()
+    assert method.encoder.head.weight.grad is not None
+    exported = method.export_encoder()
+    assert type(exported) is Encoder and exported is not method.encoder
+    assert not any(k.startswith("head.") for k in exported.state_dict())
+    assert {id(p) for p in exported.parameters()} < {id(p) for p in method.encoder.parameters()}
+    # what train_loop writes: model.pt (export) and model_full.pt (method.encoder) for resume
+    save_model(tmp_path / "model.pt", exported, cfg["model"], "digits")
+    save_model(tmp_path / "model_full.pt", method.encoder, cfg["model"], "digits")
+    x = torch.rand(4, 3, 16, 16)
+    method.encoder.eval()
+    with torch.no_grad():
+        assert torch.allclose(load_encoder(tmp_path / "model.pt").eval()(x), method.encoder(x), atol=1e-6)
+        _, fresh = make("supervised", loss=loss_kind)
+        blob = torch.load(tmp_path / "model_full.pt", weights_only=True)
+        fresh.encoder.load_state_dict(blob["encoder"])
+        fresh.encoder.eval()
+        assert torch.equal(fresh.encoder(x, classify=True), method.encoder(x, classify=True))
+
+
+def test_supervised_attack_steps_null_keeps_attack_group():
+    _, method = make("supervised", steps=3, attack_steps=None)
+    assert method.attack.steps == 3
+
+
+# ---------------------------------------------------------------- DeACL
+
+def test_deacl_teacher_bit_identical_after_steps(tmp_path):
+    torch.manual_seed(0)
+    cfg = {"attack": {"eps": EPS, "alpha": 2 / 255, "steps": 2, "norm": "linf"}, "model": MODEL,
+           "data": {"stats": "digits", "num_classes": 10}}
+    teacher = build_encoder(MODEL, "digits", with_projector=True)
+    save_model(tmp_path / "teacher.pt", teacher, MODEL, "digits")
+    method = build_method(cfg, method_cfg("deacl"), CPU, teacher_path=str(tmp_path / "teacher.pt"))
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    opt = torch.optim.SGD(method.encoder.parameters(), lr=0.5, momentum=0.9)
+    for seed in range(3):
+        method.train()
+        loss, _ = method.training_step(batch_for(method, seed=seed))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not method.teacher.training
+    assert all(p.grad is None for p in method.teacher.parameters())
+    for k, v in method.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, before[k]) for k, v in method.encoder.state_dict().items() if k in before)
+
+
+# ---------------------------------------------------------------- learning on digits
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from data_pipeline.sources import _digits_split
+
+    def tensors(split):
+        src = _digits_split(split, RES, 0.0)
+        return torch.from_numpy(src.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(src.labels)
+
+    return tensors("train"), tensors("test")
+
+
+def _strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale 0.5-1 per side, random position) + brightness, batched."""
+    b = x.shape[0]
+    s = torch.empty(b).uniform_(0.5, 1.0, generator=g)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = s
+    theta[:, 0, 2] = (torch.rand(b, generator=g) * 2 - 1) * (1 - s)
+    theta[:, 1, 2] = (torch.rand(b, generator=g) * 2 - 1) * (1 - s)
+    out = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    return (out * torch.empty(b, 1, 1, 1).uniform_(0.6, 1.4, generator=g)).clamp(0, 1)
+
+
+def _weak(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop with 2-pixel zero padding (the weak view at 16x16)."""
+    pad = F.pad(x, (2, 2, 2, 2))
+    i, j = torch.randint(0, 5, (2, x.shape[0]), generator=g)
+    return torch.stack([pad[k, :, i[k]:i[k] + RES, j[k]:j[k] + RES] for k in range(x.shape[0])])
+
+
+@torch.no_grad()
+def _knn(encoder, digits) -> float:
+    from trainer.evaluation.features import knn_accuracy
+
+    (xtr, ytr), (xte, yte) = digits
+    was = encoder.training
+    encoder.eval()
+    ftr = torch.cat([encoder(x) for x in xtr.split(512)])
+    fte = torch.cat([encoder(x) for x in xte.split(512)])
+    encoder.train(was)
+    return knn_accuracy(ftr, ytr, fte, yte, num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides", [
+    ("acl", {"variant": "ds"}),
+    ("rocl", {}),
+    ("supcon", {}),
+    ("supcon", {"adversarial": True}),
+    ("supervised", {"loss": "ce"}),
+    ("supervised", {"loss": "trades", "attack_steps": 2}),
+])
+def test_learns_on_digits(digits, name, overrides, steps=20, lr=0.1):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    _, method = make(name, steps=2, **overrides)
+    knn_init = _knn(method.export_encoder(), digits)
+    opt = torch.optim.SGD(method.encoder.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    (xtr, ytr), _ = digits
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(xtr), (128,), generator=g)
+        x, y = xtr[idx], ytr[idx]
+        if method.views == "two_view":
+            views = [_strong(x, g), _strong(x, g)]
+        elif method.views == "three_view":
+            views = [x, _strong(x, g), _strong(x, g)]
+        else:
+            views = [_weak(x, g)]
+        method.train()
+        loss, _ = method.training_step({"views": views, "label": y})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    knn = _knn(method.export_encoder(), digits)
+    print(f"{name} {overrides}: loss {first:.3f} -> {last:.3f}, kNN {knn_init:.3f} -> {knn:.3f}")
+    assert last < first
+    assert knn > 0.5 and knn >= knn_init  # chance is 0.1

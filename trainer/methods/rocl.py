@@ -1,0 +1,71 @@
+"""RoCL (Kim et al. 2020): robust contrastive learning with instance-wise attacks.
+
+Views (`three_view` loader): [original x, t(x), t'(x)]; the original is not used in training
+(the reference loader yields it too and ignores it).
+Attack: perturb t(x) (eps 8/255, alpha 0.007, 7 steps: `attack=rocl_pgd7`) to maximise
+NT-Xent(t(x)+delta, t'(x)) over this rank's batch, network in eval mode (reference
+`RepresentationAdv.get_loss`, attack_to=other).
+Loss: NT-Xent over [t(x); t'(x); t(x)_adv] with all three views of an image positives of each
+other, + (1/lambda) NT-Xent(t(x)_adv, t'(x)) (regularize_to=other), lambda=256.
+Reference quirks kept as flags: `detach_right` (similarities against a detached right operand,
+also inside the attack) and `sum_positives` (the reference sums the two positives' terms).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from trainer.attacks import network_mode, pgd_attack
+from trainer.losses import multi_positive_nt_xent, rocl_loss
+from trainer.methods.base import Method, register_method
+
+
+@register_method("rocl")
+class RoCL(Method):
+    views = "three_view"
+    is_adversarial = True
+
+    def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
+        super().__init__(cfg, method_cfg, device)
+        self.temperature = float(method_cfg.get("temperature", 0.5))
+        self.lam = float(method_cfg.get("lam", 256.0))
+        self.detach_right = bool(method_cfg.get("detach_right", True))
+        self.sum_positives = bool(method_cfg.get("sum_positives", True))
+
+    @classmethod
+    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
+        from trainer.config import ConfigError
+
+        for key, default in (("temperature", 0.5), ("lam", 256.0)):
+            v = method_cfg.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"{prefix}.{key}={v!r} is invalid: allowed: a number > 0")
+        for key in ("detach_right", "sum_positives"):
+            if key in method_cfg and not isinstance(method_cfg[key], bool):
+                raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
+
+    def make_adversarial(self, x_t: torch.Tensor, x_t2: torch.Tensor) -> torch.Tensor:
+        """t(x)_adv: t(x) perturbed to maximise NT-Xent(t(x)_adv, t'(x)) (eval mode, local batch)."""
+        with network_mode([self.encoder], train=False):
+            with torch.no_grad():
+                z_t2 = self.encoder(x_t2, project=True)[1]  # the target: fixed during the attack
+
+            def objective(xa: torch.Tensor) -> torch.Tensor:
+                z = self.encoder(xa, project=True)[1]
+                return multi_positive_nt_xent([z, z_t2], self.temperature, gather=False,
+                                              detach_right=self.detach_right)
+
+            return pgd_attack(x_t, objective, self.attack)
+
+    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, x_t, x_t2 = batch["views"]
+        b = x_t.shape[0]
+        x_adv = self.make_adversarial(x_t, x_t2)
+        _, z = self.net(torch.cat([x_t, x_t2, x_adv]), project=True)
+        z_t, z_t2, z_adv = z[:b], z[b:2 * b], z[2 * b:]
+        loss = rocl_loss(z_t, z_t2, z_adv, self.temperature, self.lam,
+                         detach_right=self.detach_right, sum_positives=self.sum_positives)
+        with torch.no_grad():
+            cos_adv = torch.nn.functional.cosine_similarity(z_adv, z_t).mean()
+        return loss, {"loss": loss.detach(), "cos_adv_clean": cos_adv}

@@ -1,0 +1,76 @@
+"""SupCon / SCL (Khosla et al. 2020) as used in the empirical study (Ghofrani et al.).
+
+Two strong views; supervised contrastive loss (T=0.07) with the batch labels (`use_labels`),
+or SimCLR's instance positives without them. Negatives gathered across ranks.
+
+`adversarial: true` (its adversarial pre-training): x1' = PGD (the `attack` group, PGD-5) on
+view x1 maximising contrastive(x1, x1') with the network in eval mode; then
+loss = contrastive(x1, x1') + contrastive(x1, x2) in one forward over [x1; x2; x1'].
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from trainer.attacks import network_mode, pgd_attack
+from trainer.losses import supcon
+from trainer.methods.base import Method, register_method
+
+
+@register_method("supcon")
+class SupCon(Method):
+    views = "two_view"
+
+    def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
+        super().__init__(cfg, method_cfg, device)
+        self.temperature = float(method_cfg.get("temperature", 0.07))
+        self.use_labels = bool(method_cfg.get("use_labels", True))
+        self.adversarial = bool(method_cfg.get("adversarial", False))
+        self.adv_weight = float(method_cfg.get("adv_weight", 1.0))
+        self.is_adversarial = self.adversarial
+
+    @classmethod
+    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
+        from trainer.config import ConfigError
+
+        t = method_cfg.get("temperature", 0.07)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ConfigError(f"{prefix}.temperature={t!r} is invalid: allowed: a number > 0")
+        w = method_cfg.get("adv_weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"{prefix}.adv_weight={w!r} is invalid: allowed: a number >= 0")
+        for key in ("use_labels", "adversarial"):
+            if key in method_cfg and not isinstance(method_cfg[key], bool):
+                raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
+
+    def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return batch["label"] if self.use_labels else None
+
+    def make_adversarial(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """x' maximising contrastive(x, x') (eval mode, this rank's batch)."""
+        with network_mode([self.encoder], train=False):
+            with torch.no_grad():
+                z = self.encoder(x, project=True)[1]
+
+            def objective(xa: torch.Tensor) -> torch.Tensor:
+                za = self.encoder(xa, project=True)[1]
+                return supcon(torch.stack([z, za], dim=1), labels, self.temperature, gather=False)
+
+            return pgd_attack(x, objective, self.attack)
+
+    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x1, x2 = batch["views"]
+        b = x1.shape[0]
+        labels = self._labels(batch)
+        if not self.adversarial:
+            _, z = self.net(torch.cat([x1, x2]), project=True)
+            loss = supcon(torch.stack([z[:b], z[b:]], dim=1), labels, self.temperature)
+            return loss, {"loss": loss.detach()}
+        x_adv = self.make_adversarial(x1, labels)
+        _, z = self.net(torch.cat([x1, x2, x_adv]), project=True)
+        z1, z2, za = z[:b], z[b:2 * b], z[2 * b:]
+        loss_adv = supcon(torch.stack([z1, za], dim=1), labels, self.temperature)
+        loss_views = supcon(torch.stack([z1, z2], dim=1), labels, self.temperature)
+        loss = self.adv_weight * loss_adv + loss_views
+        return loss, {"loss": loss.detach(), "loss_adv": loss_adv.detach(), "loss_views": loss_views.detach()}
