@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -206,20 +207,22 @@ def _safe_writer_class():
                 for p in processes:
                     p.start()
                 allocation_list: list = []
-                received = 0
+                received, idle_after_exit = 0, 0
                 while received < len(processes):
                     try:  # a worker sends its allocations once it has written all its samples
                         allocation_list.extend(allocations_queue.get(timeout=0.2))
                         received += 1
                         continue
-                    except Exception:  # queue.Empty
+                    except queue.Empty:
                         pass
                     failed = [p for p in processes if p.exitcode not in (None, 0)]
                     if failed:
                         raise BetonError(f"FFCV writer worker failed (exit code {failed[0].exitcode}) after "
                                          f"{done_number.value} of {num_samples} samples; see its traceback above")
-                    if all(p.exitcode == 0 for p in processes) and allocations_queue.empty():
-                        raise BetonError("FFCV writer workers exited without reporting their allocations")
+                    if all(p.exitcode == 0 for p in processes):
+                        idle_after_exit += 1
+                        if idle_after_exit > 25:  # 5 s with every worker gone and nothing queued
+                            raise BetonError("FFCV writer workers exited without reporting their allocations")
                 if done_number.value != num_samples:
                     raise BetonError(f"FFCV writer wrote {done_number.value} of {num_samples} samples")
                 for p in processes:
