@@ -79,9 +79,21 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    hsv = rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0:1] + f.view(-1, 1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.cat((h, hsv[:, 1:]), dim=1))
+    """torchvision's adjust_hue (RGB -> HSV, h += f mod 1, HSV -> RGB), fused: with v = max,
+    v*s = max - min = chroma, so each channel is max - chroma * w((n + 6h) mod 6) and the S and V
+    planes are never materialised. Equal to torchvision to float rounding (tested)."""
+    maxc = x.amax(dim=1)
+    minc = x.amin(dim=1)
+    chroma = maxc - minc
+    inv = 1.0 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    r, g, b = x.unbind(dim=1)
+    h6 = torch.where(maxc == r, (g - b) * inv,
+                     torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+    h6 = h6 + 6.0 * f.view(-1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6.unsqueeze(1), 6.0)
+    w = torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * w).clamp_(0, 1)
 
 
 OP_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)

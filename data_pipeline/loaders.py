@@ -10,6 +10,7 @@ forever. `GuardedLoader` catches the exception in the thread and re-raises it in
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 from dataclasses import dataclass, field
@@ -130,6 +131,9 @@ class ViewLoader:
         self.aug = aug
         self.seed, self.rank = int(seed), int(rank)
         self.generator = torch.Generator()
+        # On a CPU device the colour jitter runs while FFCV's threads decode the next batches:
+        # split the thread budget instead of oversubscribing the cores.
+        self.color_threads = max(1, loader.num_workers // 2)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -161,11 +165,26 @@ class ViewLoader:
                     # worker converts to channels_last itself where configured).
                     x = img.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
                     if kind == "ssl":
-                        x = color_augment(x, self.aug.color, self.generator)
+                        with _torch_threads(self.color_threads if x.device.type == "cpu" else None):
+                            x = color_augment(x, self.aug.color, self.generator)
                     views.append(x)
                 yield {"views": views, "label": out["label"].long()}
         finally:
             it.close()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with `n` torch intra-op threads (None: unchanged), then restore."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_num_threads() -> int:
