@@ -149,6 +149,14 @@ def _digits(split: str, resolution: int) -> ImageSource:
     return ImageSource("digits", split, rgb, labels[chosen], [str(d) for d in range(10)], resolution)
 
 
+def _digits_split(split: str, resolution: int, val_fraction: float) -> ImageSource:
+    """A digits split with materialised `images`/`labels` arrays (kept for callers of the old API)."""
+    src = load_source({"name": "digits", "resolution": resolution, "val_fraction": val_fraction}, split)
+    if src.indices is not None:
+        src = replace(src, images=np.asarray(src.images)[src.indices], labels=src.targets(), indices=None)
+    return src
+
+
 # --------------------------------------------------------------------------------------------
 # synthetic (procedural, bundled)
 
