@@ -10,6 +10,8 @@ forever. `GuardedLoader` catches the exception in the thread and re-raises it in
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -87,76 +89,154 @@ class GuardedLoader(Loader):
 class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_padding: int = 4
+    flip: bool = True
     color: ColorAugConfig = field(default_factory=ColorAugConfig)
 
     @staticmethod
     def from_cfg(cfg: Mapping[str, Any] | None) -> "AugmentConfig":
         cfg = dict(cfg or {})
         color = ColorAugConfig(**{k: float(v) for k, v in dict(cfg.get("color", {})).items()})
-        return AugmentConfig(tuple(cfg.get("crop_scale", (0.08, 1.0))), int(cfg.get("crop_padding", 4)), color)
+        return AugmentConfig(tuple(float(v) for v in cfg.get("crop_scale", (0.08, 1.0))),
+                             int(cfg.get("crop_padding", 4)), bool(cfg.get("flip", True)), color)
 
 
 def _image_ops(kind: str, res: int, aug: AugmentConfig, device: torch.device) -> list:
+    """FFCV ops for one image output. "ssl": RandomResizedCrop(res, scale, ratio 3/4..4/3) + flip
+    (as torchvision's; FFCV resizes with OpenCV INTER_AREA); "weak": pad-and-crop (RandomCrop with
+    zero padding) + flip; "plain": decode only. Colour jitter is applied later, batched."""
     tail = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    flip = [RandomHorizontalFlip()] if aug.flip else []
     if kind == "ssl":
-        return [RandomResizedCropRGBImageDecoder((res, res), scale=aug.crop_scale), RandomHorizontalFlip()] + tail
+        return [RandomResizedCropRGBImageDecoder((res, res), scale=aug.crop_scale)] + flip + tail
     if kind == "weak":
-        return [SimpleRGBImageDecoder(), RandomTranslate(padding=aug.crop_padding, fill=(0, 0, 0)),
-                RandomHorizontalFlip()] + tail
+        pad = [RandomTranslate(padding=aug.crop_padding, fill=(0, 0, 0))] if aug.crop_padding > 0 else []
+        return [SimpleRGBImageDecoder()] + pad + flip + tail
     return [SimpleRGBImageDecoder()] + tail
 
 
 class ViewLoader:
-    """Iterates an FFCV loader and returns float views in [0,1] (+ device colour augmentation)."""
+    """Iterates an FFCV loader and returns float views in [0,1] (+ device colour augmentation).
+
+    The shuffle order of epoch e is a function of (seed, e) only (FFCV: `seed + e`, or
+    DistributedSampler(seed).set_epoch(e) per rank), and the colour-augmentation generator is
+    re-seeded from (seed, rank, e) at the start of every epoch, so `set_epoch(e)` on a fresh
+    loader continues exactly where a previous run's epoch e would have started. (FFCV's crop and
+    flip draw from numba's per-thread RNG and are not reproducible.)
+    """
 
     def __init__(self, loader: GuardedLoader, view_kinds: list[str], aug: AugmentConfig,
-                 generator: torch.Generator) -> None:
+                 seed: int = 0, rank: int = 0) -> None:
         self.loader = loader
         self.view_kinds = view_kinds  # per image output: "ssl" (gets colour aug), "weak", "plain"
         self.aug = aug
-        self.generator = generator
+        self.seed, self.rank = int(seed), int(rank)
+        self.generator = torch.Generator()
+        # On a CPU device the colour jitter runs while FFCV's threads decode the next batches:
+        # split the thread budget instead of oversubscribing the cores.
+        self.color_threads = max(1, loader.num_workers // 2)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     @property
     def epoch(self) -> int:
+        """The epoch the next `iter()` will produce."""
         return self.loader.next_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Continue the shuffle order of `epoch` (used on resume)."""
-        self.loader.next_epoch = epoch
+        """Make the next `iter()` produce epoch `epoch` (used on resume)."""
+        self.loader.next_epoch = int(epoch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample indices this rank reads in `epoch` (before batching / drop_last)."""
+        return np.asarray(self.loader.traversal_order.sample_order(int(epoch)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         names = list(self.loader.pipeline_specs.keys())  # FFCV's output order: fields, then extras
-        for batch in self.loader:
-            out = dict(zip(names, batch))
-            label = out["label"]
-            views = []
-            for i, kind in enumerate(self.view_kinds):
-                img = out["image" if i == 0 else f"image{i + 1}"]
-                # ToTorchImage yields channels-last strides; hand out standard NCHW (the
-                # worker converts to channels_last itself where configured).
-                x = img.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-                if kind == "ssl":
-                    x = color_augment(x, self.aug.color, self.generator)
-                views.append(x)
-            yield {"views": views, "label": label.long()}
+        self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 100_003 + self.loader.next_epoch)
+        it = iter(self.loader)
+        try:
+            for batch in it:
+                out = dict(zip(names, batch))
+                views = []
+                for i, kind in enumerate(self.view_kinds):
+                    img = out["image" if i == 0 else f"image{i + 1}"]
+                    # ToTorchImage yields channels-last strides; hand out standard NCHW (the
+                    # worker converts to channels_last itself where configured).
+                    x = img.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+                    if kind == "ssl":
+                        with _torch_threads(self.color_threads if x.device.type == "cpu" else None):
+                            x = color_augment(x, self.aug.color, self.generator)
+                    views.append(x)
+                yield {"views": views, "label": out["label"].long()}
+        finally:
+            it.close()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with `n` torch intra-op threads (None: unchanged), then restore."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_num_threads() -> int:
+    """CPU threads this process may use: the Ray worker's CPU allocation inside Ray (actor or
+    task), else the CPU affinity of the process."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def loader_threads(num_threads: int | None) -> int:
+    """`num_threads` (default: `default_num_threads()`), capped at numba's thread pool size
+    (numba refuses more threads than it started with; FFCV would crash)."""
+    import numba
+
+    n = default_num_threads() if num_threads in (None, 0, -1) else int(num_threads)
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def build_loader(path: str, views: str, batch_size: int, device: torch.device | str = "cpu",
-                 num_threads: int = 1, train: bool = True, seed: int = 0, distributed: bool = False,
+                 num_threads: int | None = None, train: bool = True, seed: int = 0, distributed: bool = False,
                  resolution: int | None = None, augment: Mapping[str, Any] | None = None,
                  drop_last: bool | None = None) -> ViewLoader:
     """Build the loader for one rank.
 
     views: "two_view" (SimCLR/ACL), "three_view" (RoCL: original, t, t'), "weak" (crop with
     padding + flip: DeACL, adversarial fine-tuning) or "eval" (no augmentation, in order).
-    With distributed=True each rank reads its own shard (torch.distributed must be set up).
+    With distributed=True each rank reads its own shard (torch.distributed must be set up):
+    FFCV emulates DistributedSampler, which pads the order with repeated samples so every rank
+    gets ceil(N / world) samples. num_threads: FFCV/numba threads (default: the Ray worker's CPU
+    allocation). The file is checked first (manifest, size, structure): a truncated or replaced
+    beton raises BetonError instead of being read.
     """
     if views not in VIEW_KINDS:
         raise ValueError(f"views={views!r} is not known; allowed: {', '.join(VIEW_KINDS)}")
     manifest = verify_beton(path, check_hash=False)
+    rank = 0
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised "
+                               "(build the loader inside the Ray Train worker, after setup)")
+        rank = torch.distributed.get_rank()
     res = int(resolution or manifest["resolution"])
     aug = AugmentConfig.from_cfg(augment)
     device = torch.device(device)
@@ -169,9 +249,11 @@ def build_loader(path: str, views: str, batch_size: int, device: torch.device | 
         pipelines[name] = ops if i == 0 else PipelineSpec("image", ops[0], ops[1:])
     pipelines["label"] = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
-    loader = GuardedLoader(str(path), batch_size=batch_size, num_workers=max(1, int(num_threads)),
-                           order=order, distributed=distributed, seed=seed, pipelines=pipelines,
+    loader = GuardedLoader(str(path), batch_size=batch_size, num_workers=loader_threads(num_threads),
+                           order=order, distributed=distributed, seed=int(seed), pipelines=pipelines,
                            drop_last=train if drop_last is None else drop_last, os_cache=True)
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + (torch.distributed.get_rank()
-                                         if distributed else 0))
-    return ViewLoader(loader, kinds, aug, gen)
+    if len(loader) == 0:
+        n = len(loader.first_traversal_order)
+        raise ValueError(f"{path}: this rank's shard has {n} images, fewer than batch_size={batch_size} "
+                         "with drop_last: no batch at all; lower the batch size")
+    return ViewLoader(loader, kinds, aug, seed=int(seed), rank=rank)

@@ -155,13 +155,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _positive_int(cfg["eval"]["linear"], "eval.linear.batch_size", lin_bs)
     if lin_bs % world:
         raise _err("eval.linear.batch_size", lin_bs, f"must be divisible by cluster.num_workers={world}")
-    from data_pipeline.sources import SOURCE_NAMES
+    from data_pipeline.sources import BUNDLED_SOURCES, data_config_problem
 
-    if cfg["data"].get("name") not in SOURCE_NAMES:
-        raise _err("data.name", cfg["data"].get("name"), f"allowed: {', '.join(SOURCE_NAMES)}")
-    vf = cfg["data"].get("val_fraction", 0.0)
-    if not isinstance(vf, (int, float)) or not 0 <= vf < 1:
-        raise _err("data.val_fraction", vf, "must be a number in [0, 1)")
+    problem = data_config_problem(cfg["data"])
+    if problem:
+        raise _err(*problem)
     from trainer.models.resnet import ARCHS
 
     if cfg["model"].get("arch") not in ARCHS:
@@ -181,7 +179,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             _check_method("teacher.method", cfg["teacher"]["method"], world)
     if cfg.get("recipe") == "evaluate" and not cfg.get("checkpoint"):
         raise _err("checkpoint", cfg.get("checkpoint"), "recipe=evaluate needs +checkpoint=/path/to/model.pt")
-    if cfg["data"].get("name") != "digits" and not cfg["data"].get("download"):
+    if cfg["data"].get("name") not in BUNDLED_SOURCES and not cfg["data"].get("download"):
         from data_pipeline.write import beton_path
 
         missing = [s for s in cfg["data"]["splits"] if not beton_path(cfg["data"], s).exists()]
