@@ -126,6 +126,26 @@ def _check_method(prefix: str, method: Mapping[str, Any], world_size: int) -> No
     METHOD_REGISTRY[name].validate_config(method, prefix)
 
 
+def _check_monitor(cfg: Mapping[str, Any]) -> None:
+    """monitor.robust_every (the validation monitor Tune optimises) and tune.objective."""
+    mon = cfg.get("monitor") or {}
+    every = mon.get("robust_every", 0)
+    _positive_int(mon, "monitor.robust_every", every, minimum=0)
+    tune = cfg.get("tune") or {}
+    if tune.get("objective", "robust") not in ("robust", "clean", "weighted"):
+        raise _err("tune.objective", tune.get("objective"), "allowed: robust, clean, weighted")
+    w = tune.get("objective_weight", 0.5)
+    if not isinstance(w, (int, float)) or not 0 <= w <= 1:
+        raise _err("tune.objective_weight", w, "must be a number in [0, 1] (weight of robust accuracy)")
+    if every == 0:
+        return
+    _check_attack("monitor.val_attack", mon.get("val_attack") or {})
+    if "val" not in cfg["data"]["splits"] or not cfg["data"].get("val_fraction"):
+        raise _err("monitor.robust_every", every, "needs a held-out validation split: set data.val_fraction "
+                   "> 0 and add val to data.splits (the test set is never used to select models)")
+    _positive_int(mon, "monitor.probe_steps", mon.get("probe_steps", 100))
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError for the first invalid value; checks files that must already exist."""
     cluster = cfg["cluster"]
@@ -160,6 +180,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     problem = data_config_problem(cfg["data"])
     if problem:
         raise _err(*problem)
+    _check_monitor(cfg)
     from trainer.models.resnet import ARCHS
 
     if cfg["model"].get("arch") not in ARCHS:

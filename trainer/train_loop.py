@@ -18,6 +18,7 @@ from data_pipeline.loaders import build_loader
 from data_pipeline.write import beton_path
 from trainer.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, rng_state, save_model, set_rng_state
 from trainer.evaluation.features import extract_features, knn_accuracy
+from trainer.evaluation.monitor import build_val_monitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.runtime import (Progress, all_reduce_mean, autocast_context, new_checkpoint_dir, setup_worker,
@@ -89,6 +90,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         eval_loaders = tuple(build_loader(str(beton_path(data, s)), "eval", per_rank_batch, ctx.device,
                                           ctx.num_threads, train=False, distributed=ctx.distributed,
                                           drop_last=False) for s in ("train", monitor_split))
+    val_monitor = build_val_monitor(cfg, per_rank_batch, ctx)  # linear probe + PGD on val (Tune's metric)
 
     progress = Progress(stage["name"], epochs, start_epoch, ctx.is_main)
     amp = autocast_context(cfg, ctx.device)
@@ -124,6 +126,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             trf, trl = extract_features(method.encoder, eval_loaders[0])
             tef, tel = extract_features(method.encoder, eval_loaders[1])
             report[f"knn_{monitor_split}_acc"] = knn_accuracy(trf, trl, tef, tel, num_classes=data["num_classes"])
+        if val_monitor is not None and val_monitor.due(epoch + 1, epochs):
+            report.update(val_monitor(method.export_encoder()))
         progress.epoch_line(epoch, n_images * ctx.world_size, seconds, report)
 
         checkpoint_dir = None
