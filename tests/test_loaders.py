@@ -144,16 +144,19 @@ def test_order_resume_via_set_epoch(id_beton):
     b = build_loader(str(path), "eval", batch_size=10, train=True, seed=7, num_threads=1)
     b.set_epoch(1)  # a resumed run continues with epoch 1's order
     assert _labels(b) == second
-    # The colour-augmentation stream is re-seeded from (seed, rank, epoch) too.
+    # The colour-augmentation stream is re-seeded from (seed, rank, epoch): on un-cropped images
+    # (the eval decoder) a resumed epoch reproduces the augmented batches exactly.
     from data_pipeline.loaders import ViewLoader
-    v1 = ViewLoader(a.loader, ["ssl"], a.aug, seed=7)
-    v1.set_epoch(1)
-    list(zip(range(1), v1))
-    g1 = v1.generator.initial_seed()
-    v2 = ViewLoader(b.loader, ["ssl"], b.aug, seed=7)
-    v2.set_epoch(1)
-    list(zip(range(1), v2))
-    assert v2.generator.initial_seed() == g1
+
+    def colour_epoch(base, epoch):
+        v = ViewLoader(base.loader, ["ssl"], base.aug, seed=7)
+        v.set_epoch(epoch)
+        return [(b["label"], b["views"][0]) for b in v]
+
+    run1, resumed, other = colour_epoch(a, 1), colour_epoch(b, 1), colour_epoch(b, 2)
+    for (l1, x1), (l2, x2) in zip(run1, resumed):
+        assert torch.equal(l1, l2) and torch.equal(x1, x2)
+    assert not torch.equal(torch.cat([x for _, x in run1]), torch.cat([x for _, x in other]))
 
 
 def _free_port() -> int:
@@ -246,7 +249,6 @@ def test_threads_follow_ray_cpu_allocation(ray_local):
     assert ray.get(remote_default.options(num_cpus=1).remote()) == 1
     assert ray.get(remote_default.options(num_cpus=2).remote()) == 2
     assert ray.get(remote_capped.options(num_cpus=1).remote(None)) == 1
-    assert loader_threads(10_000) == loader_threads(None) or loader_threads(10_000) >= 1
     import numba
     assert loader_threads(10_000) == numba.config.NUMBA_NUM_THREADS  # capped instead of crashing FFCV
 
