@@ -58,17 +58,42 @@ def load_encoder(path: str | os.PathLike, device: torch.device | str = "cpu", wi
     return enc.to(device)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1],
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG stream of this process as tensors and plain ints (loads with weights_only=True).
+
+    python: the 624-word Mersenne state + position (`random.getstate()` without the tuple
+    wrapper); numpy: key, position and the cached Gaussian of the legacy global generator;
+    torch CPU (+ every CUDA device); plus any named `torch.Generator` (e.g. the loader's
+    colour-augmentation generator).
+    """
+    version, internal, gauss_next = random.getstate()
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": None if gauss_next is None else float(gauss_next),
+        "numpy": torch.from_numpy(key.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_gauss": (int(has_gauss), float(cached_gaussian)),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Restore what `rng_state` saved (after a `torch.load(..., weights_only=True)` round trip)."""
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
+    python = state["python"]
+    python = tuple(int(v) for v in (python.tolist() if isinstance(python, torch.Tensor) else python))
+    random.setstate((3, python, state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)),
+                         int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name in saved:
+            gen.set_state(saved[name])

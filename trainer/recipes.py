@@ -6,6 +6,10 @@
 
 A stage whose `model.pt` (and `stage.json`) already exist in the run folder is skipped, and a
 stage interrupted mid-way resumes from its last Ray checkpoint (same storage path and name).
+
+Resubmitting the same config resumes it: run names derive from the config hash. The run folder
+records that hash (`run.json`); a different config under the same run_name is refused
+(RunMismatchError) instead of silently continuing someone else's run.
 """
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer.checkpoint import MODEL_FILE
+from trainer.config import ConfigError, config_hash
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -61,16 +70,41 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+def inside_ray_job() -> bool:
+    """True in the entrypoint of `ray job submit` (the job supervisor sets this variable)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ship this checkout to the cluster: working_dir = repo root, excludes as documented in
+    cluster/runtime_env.yaml (the same file `ray job submit --runtime-env` uses)."""
+    import yaml
+
+    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text()) if RUNTIME_ENV_FILE.exists() else {}
+    env = dict(env or {})
+    env["working_dir"] = str(REPO_ROOT)
+    env["env_vars"] = {**WORKER_ENV, **dict(env.get("env_vars") or {})}
+    return env
+
+
 def init_ray(cfg: dict[str, Any]) -> None:
-    """Connect to the configured cluster, the one `ray job submit` runs us in, or start Ray locally."""
+    """Connect to (or start) Ray.
+
+    - inside `ray job submit`: the job's cluster; code and env come with the job's runtime env;
+    - cluster.address (or RAY_ADDRESS) set: that cluster, shipping this checkout as working_dir;
+    - otherwise: a Ray instance in this process sized for the configured workers.
+    """
     import ray
 
     if ray.is_initialized():
         return
     cluster = cfg["cluster"]
+    if inside_ray_job():
+        ray.init(log_to_driver=True)
+        return
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, log_to_driver=True, runtime_env=code_runtime_env())
         return
     os.environ.update(WORKER_ENV)
     needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
@@ -92,9 +126,15 @@ def use_gpu(cfg: dict[str, Any]) -> bool:
 
 def run_train_stage(cfg: dict[str, Any], stage_dict: dict[str, Any], loop: Callable, run_name: str,
                     callbacks: list | None = None):
-    """One Ray Train run (TorchTrainer over cluster.num_workers workers); returns its Result."""
+    """One Ray Train run (TorchTrainer over cluster.num_workers workers); returns its Result.
+
+    Same (storage_path, run_name) as an earlier run: Ray resumes it from its last checkpoint.
+    Raises NonFiniteLossError / RunMismatchError when the workers stopped for those reasons.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.train_loop import NonFiniteLossError, RunMismatchError
 
     cluster = cfg["cluster"]
     gpu = use_gpu(cfg)
@@ -107,19 +147,73 @@ def run_train_stage(cfg: dict[str, Any], stage_dict: dict[str, Any], loop: Calla
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg, "stage": stage_dict},
-        torch_config=TorchConfig(backend=backend),
+        torch_config=TorchConfig(backend=backend, timeout_s=int(cluster.get("timeout_s", 1800))),
         scaling_config=ScalingConfig(num_workers=int(cluster["num_workers"]), use_gpu=gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cluster["placement_strategy"]),
         run_config=RunConfig(name=run_name, storage_path=cluster["storage_path"],
                              failure_config=FailureConfig(max_failures=int(cluster["max_failures"])),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=int(cluster.get("checkpoints_to_keep", 2))),
                              callbacks=callbacks or []),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    outcome = result.return_value if isinstance(result.return_value, dict) else {}
+    if outcome.get("status") == "nonfinite":
+        last = result.checkpoint.path if result.checkpoint is not None else None
+        err = NonFiniteLossError(f"{outcome['message']} Last good checkpoint: {last}")
+        err.result = result
+        raise err
+    if outcome.get("status") == "mismatch":
+        raise RunMismatchError(outcome["message"])
+    return result
+
+
+def check_run_setup(cfg: dict[str, Any]) -> None:
+    """Refuse setups that would lose results or resume the wrong run (nothing started yet)."""
+    if inside_ray_job():
+        cwd = Path.cwd().resolve()
+        out = Path(cfg["output_dir"]).resolve()
+        if out == cwd or cwd in out.parents:
+            raise ConfigError(
+                f"output_dir={cfg['output_dir']!r} is inside the job's temporary working_dir ({cwd}): "
+                "results would be lost and the run name would change with every code change; "
+                "set output_dir (and cluster.storage_path) to an absolute path on shared storage")
+    debug = cfg["cluster"].get("debug") or {}
+    for key in ("fail_at_epoch", "nonfinite_at_epoch"):
+        v = debug.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"cluster.debug.{key}={v!r} is invalid: must be null or an epoch number >= 1")
+
+
+def claim_run_dir(cfg: dict[str, Any], out: Path) -> None:
+    """Record the config hash in the run folder; refuse a run folder made by another config."""
+    from trainer.train_loop import RunMismatchError
+
+    h = config_hash(cfg)
+    marker = out / RUN_FILE
+    previous = None
+    if marker.exists():
+        previous = json.loads(marker.read_text()).get("config_hash")
+    elif (out / "config.json").exists():  # a run folder written before run.json existed
+        previous = config_hash(json.loads((out / "config.json").read_text()))
+    if previous is not None and previous != h:
+        raise RunMismatchError(
+            f"run folder {out} belongs to a run with config hash {previous}, but this config hashes to {h} "
+            f"(run_name={cfg['run_name']!r}). Resuming it would mix two experiments. Leave run_name unset "
+            "(it is derived from the config hash), choose a new run_name, or delete that folder.")
+    if previous is None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps({"run_name": cfg["run_name"], "config_hash": h,
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        os.replace(tmp, marker)
 
 
 def _copy_final_model(result, dest: Path) -> Path:
+    if result.checkpoint is None:
+        raise RuntimeError(f"the Ray Train run at {result.path} finished without a checkpoint; "
+                           "delete that folder to start the stage again")
     dest.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for name in os.listdir(d):
@@ -135,7 +229,8 @@ def run_recipe(cfg: dict[str, Any], log: Callable[[str], None] = print) -> dict[
     from trainer.train_loop import pretrain_loop
 
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_setup(cfg)
+    claim_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
     init_ray(cfg)
@@ -174,7 +269,7 @@ def run_recipe(cfg: dict[str, Any], log: Callable[[str], None] = print) -> dict[
                           "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
             result = run_train_stage(cfg, stage_dict, evaluate_loop, f"{cfg['run_name']}-{stage.name}")
             _copy_final_model_dir(result, stage_out)
-            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
             evaluations[stage.label] = metrics
             info = {"model_path": None, "evaluated": stage_dict["model_path"], "metrics": metrics,
                     "seconds": time.time() - t0, "ray_path": result.path}

@@ -1,8 +1,15 @@
 """The Ray Train worker loop for pre-training stages (any method in the registry).
 
-Per rank: FFCV loader for its shard -> method (encoder wrapped for DDP) -> epochs of steps,
-then per epoch: metrics all-reduced, kNN monitor, checkpoint from rank 0, `ray.train.report`.
-Resumes from `ray.train.get_checkpoint()` exactly (model, optimiser, schedule, RNG, loader epoch).
+Per rank: FFCV loader for its shard -> method (encoder wrapped for DDP, optional SyncBN) ->
+epochs of steps, then per epoch: metrics all-reduced, kNN monitor, checkpoint from rank 0,
+`ray.train.report`. Resumes from `ray.train.get_checkpoint()` (model and every other module of
+the method, optimiser, schedule, every rank's RNG streams, loader epoch) after checking that the
+checkpoint belongs to this config and stage.
+
+The function returns a status dict on rank 0 (Ray's `Result.return_value`): "completed",
+"nonfinite" (a non-finite loss: the run stops without retries, keeping the last good checkpoint)
+or "mismatch" (the checkpoint Ray resumed belongs to another config). `recipes.run_train_stage`
+turns the last two into exceptions in the driver.
 """
 from __future__ import annotations
 
@@ -17,33 +24,60 @@ import torch
 from data_pipeline.loaders import build_loader
 from data_pipeline.write import beton_path
 from trainer.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, rng_state, save_model, set_rng_state
+from trainer.config import config_hash
 from trainer.evaluation.features import extract_features, knn_accuracy
 from trainer.evaluation.monitor import build_val_monitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import (Progress, all_reduce_mean, autocast_context, new_checkpoint_dir, setup_worker,
+from trainer.runtime import (Progress, all_reduce_mean, autocast_context, convert_sync_batchnorm,
+                             inject_nonfinite, maybe_inject_failure, new_checkpoint_dir, setup_worker,
                              use_channels_last)
 
 
 FULL_MODEL_FILE = "model_full.pt"
 
 
+CHECKPOINT_FORMAT = 2
+
+
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training produced a non-finite loss; the run stopped and kept its last good checkpoint."""
 
 
-def _wrap_ddp(cfg: Mapping[str, Any]):
+class RunMismatchError(RuntimeError):
+    """A run folder / checkpoint belongs to a different config (or stage) than this job's."""
+
+
+def _wrap_ddp(cfg: Mapping[str, Any], device: torch.device, world_size: int):
     import ray.train.torch
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if cfg["cluster"].get("sync_bn") and int(cfg["cluster"]["num_workers"]) > 1:
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if cfg["cluster"].get("sync_bn") and world_size > 1:
+            module = convert_sync_batchnorm(module, device)
+        # BN running statistics stay per rank (rank 0's are checkpointed); with SyncBN they agree.
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     return wrap
 
 
-def pretrain_loop(config: dict[str, Any]) -> None:
+def _checkpoint_identity(cfg: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:
+    from trainer.recipes import resolve_recipe
+
+    return {"config_hash": config_hash(cfg), "run_name": cfg.get("run_name"),
+            "recipe": resolve_recipe(cfg), "stage": stage["name"], "method": stage["method"]["name"]}
+
+
+def _identity_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    for key in ("config_hash", "stage", "method"):
+        if key in saved and saved[key] != expected[key]:
+            return (f"the checkpoint Ray resumed for run '{expected['run_name']}' stage '{expected['stage']}' "
+                    f"has {key}={saved[key]!r} but this job has {key}={expected[key]!r}: it belongs to "
+                    "another configuration. Use a different run_name (or leave run_name unset: it is "
+                    "derived from the config hash), or delete that run's folder in the storage path.")
+    return None
+
+
+def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Entry of one pre-training stage on every worker. config = {"cfg", "stage"}."""
     import ray.train
 
@@ -55,7 +89,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     method = build_method(cfg, mcfg, ctx.device, **stage.get("method_kwargs", {}))
     if use_channels_last(cfg, ctx.device):
         method.encoder.to(memory_format=torch.channels_last)
-    method.parallelize(_wrap_ddp(cfg))
+    method.parallelize(_wrap_ddp(cfg, ctx.device, ctx.world_size))
     if cfg.get("compile"):
         method.net = torch.compile(method.net)
 
@@ -67,21 +101,36 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(method.encoder.parameters(), tcfg)
     scheduler = build_scheduler(optimizer, tcfg, steps)
     epochs, start_epoch = int(tcfg["epochs"]), 0
+    identity = _checkpoint_identity(cfg, stage)
+    generators = {"loader": loader.generator}  # the device colour-augmentation stream
+    resumed_at: list[int] = []
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            problem = _identity_mismatch(state, identity)
+            if problem:  # every rank reads the same checkpoint, so every rank stops here
+                if ctx.is_main:
+                    print(f"[{stage['name']}] {problem}", flush=True)
+                return {"status": "mismatch", "message": problem}
             full = os.path.join(d, FULL_MODEL_FILE)  # dual-BN methods export a single-BN model.pt
             blob = torch.load(full if os.path.exists(full) else os.path.join(d, MODEL_FILE),
                               map_location=ctx.device, weights_only=True)
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         method.encoder.load_state_dict(blob["encoder"])
+        modules = method.modules_to_checkpoint()
+        for name, module_state in state.get("modules", {}).items():
+            modules[name].load_state_dict(module_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+        # Each rank continues its own streams; with a different worker count, ranks beyond the
+        # saved ones reuse the last saved state (the run continues, not bit-exactly).
+        set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)], generators)
         start_epoch = int(state["epoch"]) + 1
+        resumed_at = [int(e) for e in state.get("resumed_at", [])] + [start_epoch]
         if ctx.is_main:
-            print(f"[{stage['name']}] resumed from epoch {start_epoch}", flush=True)
+            print(f"[{stage['name']}] resumed after epoch {start_epoch} from its checkpoint "
+                  f"(written by {int(state.get('world_size', 1))} worker(s); now {ctx.world_size})", flush=True)
 
     knn_every = int(cfg.get("monitor", {}).get("knn_every", 1))
     monitor_split = "val" if "val" in data["splits"] else "test"
@@ -101,11 +150,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         t0 = time.time()
         sums: dict[str, torch.Tensor] = {}
         n_images = 0
-        for batch in loader:
+        nan_epoch = inject_nonfinite(cfg, epoch)
+        for step, batch in enumerate(loader):
+            maybe_inject_failure(cfg, ctx, epoch, step, steps)
             if channels_last:
                 batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
             with amp:
                 loss, metrics = method.training_step(batch)
+            if nan_epoch:
+                loss = loss * float("nan")
+                metrics = {**metrics, "loss": loss.detach()}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -116,10 +170,15 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         seconds = time.time() - t0
         report = all_reduce_mean({k: v / max(steps, 1) for k, v in sums.items()}, ctx)
         if not all(math.isfinite(v) for v in report.values()):
-            raise NonFiniteLossError(
-                f"[{stage['name']}] non-finite training metrics at epoch {epoch + 1}: {report}; "
-                "stopping. The last good checkpoint (previous epoch) is kept; lower the learning rate "
-                "or check the data")
+            # Metrics are all-reduced, so every rank takes this branch at the same epoch. Stop
+            # without a checkpoint (and without raising: Ray would retry it max_failures times).
+            message = (f"[{stage['name']}] non-finite training metrics at epoch {epoch + 1}: {report}; "
+                       f"stopped. The last good checkpoint (epoch {epoch}) is kept"
+                       + ("" if epoch else " (none: it failed in the first epoch)")
+                       + "; lower the learning rate or check the data.")
+            if ctx.is_main:
+                print(message, flush=True)
+            return {"status": "nonfinite", "message": message, "epoch": epoch + 1}
         report.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], epoch_time_s=seconds,
                       images_per_s=n_images * ctx.world_size / max(seconds, 1e-9))
         if eval_loaders and ((epoch + 1) % knn_every == 0 or epoch + 1 == epochs):
@@ -139,14 +198,17 @@ def pretrain_loop(config: dict[str, Any]) -> None:
                 save_model(os.path.join(checkpoint_dir, FULL_MODEL_FILE), method.encoder, cfg["model"],
                            data["stats"], {"method": mcfg["name"], "stage": stage["name"]})
         # Every rank saves its RNG state so a resumed run continues each rank's stream.
-        rngs = [rng_state()]
+        rngs = [rng_state(generators)]
         if ctx.distributed:
             gathered: list[Any] = [None] * ctx.world_size
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if ctx.is_main:
-            atomic_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "rng": rngs, "stage": stage["name"]},
+            extra = {k: m.state_dict() for k, m in method.modules_to_checkpoint().items() if k != "encoder"}
+            atomic_save({"format": CHECKPOINT_FORMAT, **identity, "epoch": epoch, "loader_epoch": epoch + 1,
+                         "world_size": ctx.world_size, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "modules": extra, "rng": rngs,
+                         "resumed_at": resumed_at, "grad_scaler": None},  # bf16/fp32: no scaler
                         os.path.join(checkpoint_dir, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
         else:
@@ -154,3 +216,4 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         ray.train.report(report, checkpoint=checkpoint)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"status": "completed", "epochs": epochs, "resumed_at": resumed_at}

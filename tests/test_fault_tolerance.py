@@ -1,0 +1,248 @@
+"""Checkpoints, resume and failure handling.
+
+Fast: RNG streams survive torch.save -> torch.load(weights_only=True); run folders refuse a
+different config. Slow (Ray Train on a local Ray): a worker killed mid-epoch restarts from the
+last checkpoint (at most one epoch lost); a non-finite loss stops the run without retries and
+keeps the last good checkpoint; a stopped job resubmitted with the same command resumes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+
+
+# ------------------------------------------------------------------------------------- fast
+
+
+def test_rng_state_round_trip_with_weights_only():
+    from trainer.checkpoint import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(5)
+    np.random.rand(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in the legacy numpy state
+    random.gauss(0, 1)  # and one in Python's
+    torch.rand(2, generator=gen)
+    buf = io.BytesIO()
+    torch.save({"rng": [rng_state({"loader": gen})]}, buf)
+
+    def draw():
+        return (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+                torch.rand(1).item(), torch.rand(1, generator=gen).item())
+
+    expected = draw()
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)["rng"][0]
+    draw(), draw()  # move every stream on
+    set_rng_state(loaded, {"loader": gen})
+    assert draw() == expected
+
+
+def _tiny_cfg(tmp_path: Path, data_dir: Path, **extra):
+    from trainer.config import compose
+
+    base = {"method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
+            "data.val_fraction": "0.75", "method.train.batch_size": "64", "method.train.optimizer": "sgd",
+            "method.train.lr": "0.1", "cluster.cpus_per_worker": "1"}
+    base.update(extra)
+    return compose(tiny_overrides(tmp_path, **base))
+
+
+def test_run_folder_refuses_a_different_config(tmp_path):
+    from trainer.config import config_hash
+    from trainer.recipes import claim_run_dir, run_dir
+    from trainer.train_loop import RunMismatchError
+
+    a = _tiny_cfg(tmp_path, tmp_path / "data", run_name="shared-name")
+    b = _tiny_cfg(tmp_path, tmp_path / "data", run_name="shared-name", **{"method.train.lr": "0.2"})
+    out = run_dir(a)
+    claim_run_dir(a, out)
+    assert json.loads((out / "run.json").read_text())["config_hash"] == config_hash(a)
+    claim_run_dir(a, out)  # the same config: resubmission is fine
+    c = dict(a, cluster={**a["cluster"], "num_workers": 2})
+    claim_run_dir(c, out)  # the cluster shape is not part of the experiment
+    with pytest.raises(RunMismatchError, match="config hash"):
+        claim_run_dir(b, out)
+    # A folder from before run.json existed: its config.json decides.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps(a))
+    with pytest.raises(RunMismatchError):
+        claim_run_dir(b, legacy)
+
+
+def test_checkpoint_identity_mismatch_message(tmp_path):
+    from trainer.train_loop import _checkpoint_identity, _identity_mismatch
+
+    a = _tiny_cfg(tmp_path, tmp_path / "data")
+    b = _tiny_cfg(tmp_path, tmp_path / "data", **{"method.train.lr": "0.2"})
+    stage = {"name": "train", "method": a["method"]}
+    ident = _checkpoint_identity(a, stage)
+    assert _identity_mismatch(ident, _checkpoint_identity(a, stage)) is None
+    msg = _identity_mismatch(ident, _checkpoint_identity(b, {"name": "train", "method": b["method"]}))
+    assert "config_hash" in msg and "another configuration" in msg
+
+
+def test_debug_keys_are_validated(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.recipes import check_run_setup
+
+    cfg = _tiny_cfg(tmp_path, tmp_path / "data", **{"cluster.debug.fail_at_epoch": "0"})
+    with pytest.raises(ConfigError, match="fail_at_epoch"):
+        check_run_setup(cfg)
+
+
+# ------------------------------------------------------------------------------------- slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Betons written once for this module (digits at 16x16, a quarter of the train split)."""
+    from data_pipeline.write import ensure_betons
+
+    d = tmp_path_factory.mktemp("betons")
+    cfg = _tiny_cfg(tmp_path_factory.mktemp("cfg"), d)
+    ensure_betons(cfg["data"], list(cfg["data"]["splits"]))
+    return d
+
+
+def _stage(cfg):
+    return {"name": "train", "method": cfg["method"], "method_kwargs": {}}
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_dir, tmp_path):
+    from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_encoder
+    from trainer.recipes import run_train_stage
+    from trainer.train_loop import pretrain_loop
+
+    cfg = _tiny_cfg(tmp_path, data_dir, **{
+        "method.train.epochs": "3", "cluster.num_workers": "2", "cluster.max_failures": "1",
+        "cluster.debug.fail_at_epoch": "2", "cluster.debug.fail_rank": "1"})
+    name = cfg["run_name"] + "-train"
+    result = run_train_stage(cfg, _stage(cfg), pretrain_loop, name)
+    run_path = Path(cfg["cluster"]["storage_path"]) / name
+    assert (run_path / "fault_injected_epoch2").exists(), "the failure was not injected"
+    assert result.metrics["epoch"] == 3
+    # The restart resumed after epoch 1: only the interrupted epoch 2 was redone.
+    assert result.return_value == {"status": "completed", "epochs": 3, "resumed_at": [1]}
+    ckpt = Path(result.checkpoint.path)
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    assert state["epoch"] == 2 and state["resumed_at"] == [1] and state["world_size"] == 2
+    assert len(state["rng"]) == 2 and "loader" in state["rng"][1]["generators"]
+    load_encoder(ckpt / MODEL_FILE)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_without_retries_and_keeps_last_good_checkpoint(ray_local, data_dir, tmp_path):
+    from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_encoder
+    from trainer.recipes import run_train_stage
+    from trainer.train_loop import NonFiniteLossError, pretrain_loop
+
+    cfg = _tiny_cfg(tmp_path, data_dir, **{
+        "method.train.epochs": "3", "cluster.num_workers": "1", "cluster.max_failures": "3",
+        "cluster.debug.nonfinite_at_epoch": "2"})
+    t0 = time.time()
+    with pytest.raises(NonFiniteLossError, match="non-finite training metrics at epoch 2") as info:
+        run_train_stage(cfg, _stage(cfg), pretrain_loop, cfg["run_name"] + "-train")
+    result = info.value.result
+    assert result.return_value["status"] == "nonfinite"
+    assert result.metrics["epoch"] == 1  # nothing was reported for the bad epoch
+    ckpt = Path(result.checkpoint.path)
+    assert str(ckpt) in str(info.value)
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    assert state["epoch"] == 0 and state["resumed_at"] == []  # the first attempt, never retried
+    enc = load_encoder(ckpt / MODEL_FILE)
+    assert all(torch.isfinite(p).all() for p in enc.state_dict().values() if p.is_floating_point())
+    print(f"non-finite run stopped in {time.time() - t0:.0f}s")
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before it could be interrupted")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting for the first checkpoint")
+        time.sleep(1)
+
+
+def _registered_epochs(stage_dir: Path) -> list[int]:
+    """Epochs of the checkpoints Ray has registered for a run (what a resubmission resumes from)."""
+    snap = stage_dir / "checkpoint_manager_snapshot.json"
+    if not snap.exists():
+        return []
+    try:
+        results = json.loads(snap.read_text())["checkpoint_results"]
+    except (ValueError, KeyError):  # being rewritten
+        return []
+    return [int(r["metrics"]["epoch"]) for r in results]
+
+
+@pytest.mark.slow
+def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
+    """`python -m trainer.run ...` stopped with Ctrl-C after its first registered checkpoint, then
+    the same command again: the train stage resumes after the last registered epoch (at most the
+    interrupted epoch is redone) and the recipe completes."""
+    from trainer.checkpoint import STATE_FILE
+
+    epochs = 5
+    overrides = tiny_overrides(tmp_path, **{
+        "method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
+        "data.val_fraction": "0.75", "method.train.batch_size": "64", "method.train.optimizer": "sgd",
+        "method.train.lr": "0.1", "method.train.epochs": str(epochs), "cluster.cpus_per_worker": "1",
+        "eval.protocols": "[]"})
+    cmd = [sys.executable, "-m", "trainer.run", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    show = subprocess.run(cmd + ["--cfg"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    cfg = json.loads(show.stdout)
+    stage_dir = Path(cfg["cluster"]["storage_path"]) / f"{cfg['run_name']}-train"
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_registered_epochs(stage_dir)) > 0, 400, proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C (or a scheduler's stop) does to the driver
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own process group only
+            proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log1.close()
+    run = Path(cfg["output_dir"]) / cfg["run_name"]
+    done = max(_registered_epochs(stage_dir))
+    assert 1 <= done < epochs and not (run / "results.json").exists(), "the first job was not interrupted"
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-5000:]
+    assert f"[train] resumed after epoch {done}" in log, log[-5000:]
+    info = json.loads((run / "train" / "stage.json").read_text())
+    assert info["metrics"]["epoch"] == epochs
+    last = max((p for p in Path(info["ray_path"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    state = torch.load(last / STATE_FILE, weights_only=True)
+    assert state["epoch"] == epochs - 1 and state["resumed_at"] == [done]
+    assert (run / "results.json").exists()
+
+    # Same run_name, different experiment: refused before anything starts.
+    third = subprocess.run(cmd + ["method.train.lr=0.2", f"run_name={cfg['run_name']}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode != 0 and "RunMismatchError" in third.stderr and "config hash" in third.stderr
