@@ -153,7 +153,7 @@ def _cli_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(float(f"{v:.6g}"))
+        return repr(v)  # exact: the command trains what the trial trained
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_cli_value(x) for x in v) + "]"
     if v is None:
@@ -275,6 +275,18 @@ def plot_pareto(sw: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _as_sort_key(text: str):
+    return float(text) if _is_number(text) else 0.0
+
+
 def plot_param_effects(sw: dict[str, Any], path: Path) -> None:
     plt = _plt()
     keys = list(sw["space"]) or sorted({k for t in sw["trials"] for k in t["params"]})
@@ -294,8 +306,9 @@ def plot_param_effects(sw: dict[str, Any], path: Path) -> None:
                 full.append(t["full_budget"])
         categorical = spec.get("type") in ("choice", "grid") or any(not isinstance(x, (int, float)) for x in xs)
         if categorical:
-            labels = sorted({json.dumps(x) for x in xs})
-            pos = [labels.index(json.dumps(x)) for x in xs]
+            values = sorted({json.dumps(x) for x in xs}, key=lambda v: (not _is_number(v), _as_sort_key(v)))
+            pos = [values.index(json.dumps(x)) for x in xs]
+            labels = [f"{float(v):.4g}" if _is_number(v) else v for v in values]
             ax.set_xticks(range(len(labels)), labels, fontsize=8)
             ax.set_xlim(-0.5, len(labels) - 0.5)
             xs = pos
@@ -305,7 +318,12 @@ def plot_param_effects(sw: dict[str, Any], path: Path) -> None:
                 ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], marker=marker, s=40,
                            c="C0" if f else "C3", label=lab)
         if spec.get("type") == "loguniform":
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         rel = spec.get("relative_to")
         ax.set_xlabel(f"{key} / {rel}" if rel else key)
         ax.set_ylabel(sw["metric"])

@@ -20,6 +20,7 @@ restored trials' results (Tune does not save scheduler state).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -163,12 +164,22 @@ def check_space(space: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
                 _get(cfg, rel)
             except KeyError:
                 raise ConfigError(f"tune.space.{key}.relative_to={rel!r}: no such config key") from None
-        for v in _space_values(key, spec):
-            trial_cfg = apply_params(cfg, {key: v}, space)
-            try:
-                validate(trial_cfg)
-            except ConfigError as e:
-                raise ConfigError(f"tune.space.{key}: the value {v!r} gives an invalid config: {e}") from None
+    # Every corner of the space (each key at its extremes) must give a valid config; keys set
+    # relative to another key are checked against that key's extremes too.
+    keys = list(space)
+    extremes = [_space_values(k, space[k]) for k in keys]
+    if math.prod(len(e) for e in extremes) <= 512:
+        corners = itertools.product(*extremes)
+    else:  # too many: one key at a time, the others at their first extreme
+        corners = (tuple(v if j == i else extremes[j][0] for j in range(len(keys)))
+                   for i in range(len(keys)) for v in extremes[i])
+    for corner in corners:
+        params = dict(zip(keys, corner))
+        try:
+            validate(apply_params(cfg, params, space))
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"tune.space: the point {{{shown}}} gives an invalid config: {e}") from None
 
 
 def check_sweep_config(cfg: Mapping[str, Any]) -> None:
@@ -456,10 +467,6 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
                                       verbose=int(t.get("verbose", 1))),
         )
     grid = tuner.fit()
-    statuses: dict[str, int] = {}
-    for r in grid:
-        s = "ERROR" if r.error else "TERMINATED"
-        statuses[s] = statuses.get(s, 0) + 1
     unfinished = _unfinished_trials(path)
     summary = {"sweep_dir": path, "seconds": time.time() - t0, "trials": len(grid), "errors": grid.num_errors,
                "unfinished": unfinished}

@@ -1,0 +1,266 @@
+"""Tune: search-space parsing, the validation monitor, and one real ASHA sweep on digits that is
+interrupted (SIGUSR1, as Ctrl+C) after two trials finished, restored to completion, and analysed."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+from trainer.config import ConfigError, compose
+
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- fast checks
+
+def test_space_parsing_and_relative_keys(tmp_path):
+    from ray import tune as rtune
+
+    from tune.search import _number, apply_params, compose_sweep, param_space
+
+    cfg, base = compose_sweep(["tune=demo", f"output_dir={tmp_path}"])
+    assert base[: len(cfg["tune"]["overrides"])] == cfg["tune"]["overrides"] and base[-1] == f"output_dir={tmp_path}"
+    assert cfg["monitor"]["robust_every"] == 1 and cfg["method"]["name"] == "deacl"
+    assert _number("8/255", "k") == pytest.approx(8 / 255)
+    ps = param_space(cfg["tune"]["space"])
+    assert isinstance(ps["attack.eps"], rtune.search.sample.Float)
+    assert isinstance(ps["attack.steps"], rtune.search.sample.Categorical)
+    trial = apply_params(cfg, {"attack.eps": 0.04, "attack.alpha": 0.5, "method.lam": 3.0}, cfg["tune"]["space"])
+    assert trial["attack"]["alpha"] == pytest.approx(0.02)  # relative_to attack.eps
+    assert trial["method"]["lam"] == 3.0 and cfg["method"]["lam"] != 3.0  # base untouched
+
+
+def test_bad_sweeps_are_refused(tmp_path):
+    from tune.search import check_space, compose_sweep
+
+    cfg, _ = compose_sweep(["tune=demo", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="attack.epz: no such config key"):
+        check_space({"attack.epz": {"type": "uniform", "low": 0, "high": 1}}, cfg)
+    with pytest.raises(ConfigError, match="type='normal' is invalid"):
+        check_space({"attack.eps": {"type": "normal", "low": 0, "high": 1}}, cfg)
+    with pytest.raises(ConfigError, match="attack.eps=2.0.*invalid config.*attack.eps=2.0 is invalid"):
+        check_space({"attack.eps": {"type": "uniform", "low": 0.01, "high": 2.0}}, cfg)
+    with pytest.raises(ConfigError, match="attack.alpha=0.0 is invalid"):  # eps=0 -> relative alpha 0
+        check_space({"attack.eps": {"type": "grid", "values": [0.0, 0.03]},
+                     "attack.alpha": {"type": "uniform", "low": 0.25, "high": 0.5, "relative_to": "attack.eps"}}, cfg)
+    with pytest.raises(ConfigError, match="monitor.robust_every=0 is invalid for a sweep"):
+        compose_sweep(["tune=demo", "monitor.robust_every=0", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="tune.enabled=False"):
+        compose_sweep([f"output_dir={tmp_path}"])
+    # the monitor never falls back to the test split
+    with pytest.raises(ConfigError, match="needs a held-out validation split"):
+        compose(["monitor.robust_every=1", "data.val_fraction=0", "data.splits=[train,test]",
+                 f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="tune.objective"):
+        compose(["tune=demo", "tune.objective=best", f"output_dir={tmp_path}"])
+
+
+def test_concurrency_from_cluster_size(tmp_path):
+    from tune.search import compose_sweep, max_concurrent
+
+    cfg, _ = compose_sweep(["tune=demo", "cluster.num_workers=2", "cluster.cpus_per_worker=4",
+                            f"output_dir={tmp_path}"])
+    assert max_concurrent(cfg, {"CPU": 64, "GPU": 8}, gpu=False) == 7      # 64 / (2*4 + 0.01)
+    assert max_concurrent(cfg, {"CPU": 64, "GPU": 8}, gpu=True) == 4       # 8 GPUs / 2 per trial
+    assert max_concurrent(cfg, {"CPU": 3}, gpu=False) == 1
+    cfg["tune"]["max_concurrent_trials"] = 3
+    assert max_concurrent(cfg, {"CPU": 3}, gpu=False) == 3
+
+
+def test_linear_probe_objective_and_pareto():
+    from tune.analyze import pareto_front
+    from trainer.evaluation.monitor import fit_linear_probe, objective_value
+
+    torch.set_num_threads(1)  # tiny problem: threads only contend on a loaded machine
+    g = torch.Generator().manual_seed(0)
+    centers = 4 * torch.randn(5, 16, generator=g)
+    y = torch.arange(500) % 5
+    x = centers[y] + torch.randn(500, 16, generator=g)
+    probe = fit_linear_probe(x, y, 5, steps=50)
+    assert (probe(x).argmax(1) == y).float().mean() > 0.95
+    assert objective_value(0.8, 0.4, {"objective": "weighted", "objective_weight": 0.25}) == pytest.approx(0.7)
+    assert objective_value(0.8, 0.4, None) == 0.4
+    assert pareto_front([(80, 40), (70, 50), (75, 30), (60, 45), (85, 10)]) == [1, 0, 4]
+
+
+# --------------------------------------------------------------------------- one real sweep
+
+@pytest.fixture(scope="module")
+def ray_tune():
+    """Ray with the address-pinning setup hook (Train's placement-group cleaner needs it when
+    several Ray instances share the host); puts the session's plain Ray back afterwards."""
+    import ray
+
+    from tune.ray_env import local_runtime_env
+
+    had = ray.is_initialized()
+    if had:
+        ray.shutdown()
+    ray.init(num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
+    yield ray
+    ray.shutdown()
+    if had:
+        ray.init(num_cpus=3, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+
+def _history(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_tune, tmp_path_factory):
+    """6 DeACL trials x <= 2 epochs; interrupted after 2 trials finished, then restored."""
+    from ray.tune import Callback
+
+    from trainer.checkpoint import save_model
+    from trainer.models import build_encoder
+    from tune.analyze import _trial_statuses
+    from tune.search import check_sweep_config, compose_sweep, run_sweep, sweep_dir
+
+    tmp = tmp_path_factory.mktemp("tune")
+    tiny = tiny_overrides(tmp, **{"method.train.epochs": "2", "monitor.val_attack.steps": "2",
+                                  "monitor.probe_steps": "30", "method.train.batch_size": "256",
+                                  "attack.steps": "1"})
+    tiny = [o for o in tiny if not o.startswith("monitor.knn_every")]
+    # A teacher checkpoint made directly (random weights): the sweep's own teacher training is the
+    # same run_train_stage path as every trial, and skipping it keeps this test short.
+    plain = compose(tiny)
+    teacher = tmp / "teacher.pt"
+    save_model(teacher, build_encoder(plain["model"], plain["data"]["stats"], with_projector=False),
+               plain["model"], plain["data"]["stats"])
+    cfg, base = compose_sweep(["tune=demo", *tiny, f"teacher.checkpoint={teacher}", "tune.num_samples=3",
+                               "tune.verbose=0", "tune.max_concurrent_trials=2"])
+    # eps=1/1000 trains (almost) no robustness: the grid alternates good and hopeless trials, so
+    # ASHA has something to stop at the epoch-1 rung whatever the noise; lam and alpha are sampled.
+    cfg["tune"]["space"] = {"attack.eps": {"type": "grid", "values": ["16/255", "1/1000"]},
+                            "attack.alpha": {"type": "uniform", "low": 0.25, "high": 0.5,
+                                             "relative_to": "attack.eps"},
+                            "method.lam": {"type": "loguniform", "low": 1.0, "high": 8.0}}
+    cfg["tune"]["objective"] = "robust"
+    check_sweep_config(cfg)
+    path = Path(sweep_dir(cfg))
+
+    marker = tmp / "interrupted_at.json"
+
+    class Interrupt(Callback):
+        """After 2 finished trials, interrupt as soon as a trial reported an epoch and goes on (so
+        that one is mid-way: it must resume from its checkpoint); at the latest after 4 finished.
+        Tuner.restore brings the RunConfig's callbacks back too: armed through the environment."""
+
+        def __init__(self):
+            self.done = 0
+
+        def _fire(self, why, trial_id=None):
+            if os.environ.get("TUNE_TEST_INTERRUPT") == "1" and not marker.exists():
+                marker.write_text(json.dumps({"why": why, "trial_id": trial_id, "finished": self.done}))
+                os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl+C does: Tune saves state and stops
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.done >= 2 and not result.get("done") and result.get("epoch", 0) < 2:
+                self._fire("mid-way", trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            if self.done >= 4:
+                self._fire("finished")
+
+    os.environ["TUNE_TEST_INTERRUPT"] = "1"
+    try:
+        first = run_sweep(cfg, base, resume="false", callbacks=[Interrupt()], log=lambda m: None)
+    finally:
+        os.environ.pop("TUNE_TEST_INTERRUPT", None)
+    statuses = _trial_statuses(path)
+    before = {tid: _history(path / f"trial_{tid}") for tid in statuses if (path / f"trial_{tid}" / "result.json").exists()}
+    finished_before = {tid for tid, s in statuses.items() if s == "TERMINATED"}
+    second = run_sweep(cfg, base, resume="true", log=lambda m: None)
+    return {"cfg": cfg, "dir": path, "first": first, "second": second, "before": before,
+            "statuses_before": statuses, "finished_before": finished_before,
+            "statuses_after": _trial_statuses(path),
+            "interrupted_at": json.loads(marker.read_text()) if marker.exists() else None}
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_restores_without_repeating(sweep):
+    path = sweep["dir"]
+    assert sweep["first"]["unfinished"] > 0, "the sweep was not interrupted"
+    assert len(sweep["finished_before"]) >= 2
+    after = sweep["statuses_after"]
+    assert len(after) == 6 and set(after.values()) == {"TERMINATED"}, after
+    assert sweep["second"]["unfinished"] == 0
+    for tid in sweep["finished_before"]:  # finished trials were not run again
+        assert _history(path / f"trial_{tid}") == sweep["before"][tid]
+    for tid in after:  # result.json is appended to: a Train run restarted from scratch would repeat epoch 1
+        epochs = [r["epoch"] for r in _history(path / f"trial_{tid}")]
+        assert epochs == sorted(set(epochs)), f"trial {tid} repeated an epoch: {epochs}"
+    resumed = [tid for tid in after if tid not in sweep["finished_before"] and sweep["before"].get(tid)]
+    print(f"interrupted at {sweep['interrupted_at']}; resumed mid-way from their Train checkpoint: {resumed}")
+    if sweep["interrupted_at"]["why"] == "mid-way":
+        tid = sweep["interrupted_at"]["trial_id"]
+        assert tid in resumed
+        assert [r["epoch"] for r in _history(path / f"trial_{tid}")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_asha_stops_some_trials_early(sweep):
+    from tune.analyze import load_sweep
+
+    sw = load_sweep(sweep["dir"])
+    epochs = {t["trial_id"]: t["epochs"] for t in sw["trials"]}
+    assert sw["max_t"] == 2
+    assert any(e < 2 for e in epochs.values()), epochs
+    assert any(e == 2 for e in epochs.values()), epochs
+    for t in sw["trials"]:  # the metric is the val monitor's, at the fixed attack
+        last = t["history"][-1]
+        assert last["val_n"] == 144 and 0 <= last["val_robust_acc"] <= last["val_clean_acc"] + 1e-9
+        assert last["objective"] == last["val_robust_acc"]
+        assert Path(last["checkpoint_path"], "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_analysis_writes_table_and_plots(sweep, tmp_path):
+    import matplotlib.image as mpimg
+
+    out = tmp_path / "analysis"
+    proc = subprocess.run([PY, "-m", "tune.analyze", str(sweep["dir"]), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m trainer.run" in proc.stdout and "stopped early by ASHA" in proc.stdout
+    rows = (out / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("rank,trial_id,status,epochs,asha_stopped,objective")
+    for name in ("learning_curves", "pareto", "param_effects"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(png)
+        assert img.shape[0] > 200 and img.shape[1] > 200
+    best = json.loads((out / "best.json").read_text())
+    assert best["epochs"] == 2 and best["config"]["attack.eps"] == pytest.approx(16 / 255)
+    assert best["command"].startswith("python -m trainer.run ") and "tune=" not in best["command"]
+    # the command is a valid configuration for the trainer
+    args = shlex.split(best["command"])[3:]
+    cfg = compose(args)
+    assert cfg["attack"]["eps"] == pytest.approx(16 / 255)
+    assert cfg["attack"]["alpha"] == pytest.approx(best["config"]["attack.alpha"])
+    if os.environ.get("TUNE_KEEP_PLOTS"):
+        import shutil
+
+        shutil.copytree(out, os.environ["TUNE_KEEP_PLOTS"], dirs_exist_ok=True)
+
+
+def test_cli_plan_and_errors(tmp_path, capsys):
+    from tune.search import main
+
+    assert main(["tune=demo", f"output_dir={tmp_path}", "--cfg"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["max_t"] == 4 and plan["metric"] == "objective" and "attack.eps" in plan["space"]
+    assert plan["sweep_dir"].startswith(str(tmp_path)) and "sweep-demo-deacl-digits-" in plan["sweep_dir"]
+    assert main(["tune=demo", "tune.mode=up", f"output_dir={tmp_path}"]) == 2
+    assert "tune.mode='up' is invalid" in capsys.readouterr().err
+    assert main(["tune=demo", "resume=maybe"]) == 2
