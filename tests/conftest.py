@@ -46,7 +46,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=3, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        from tune.ray_env import local_runtime_env
+
+        ray.init(address="local", num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
     yield ray
     ray.shutdown()

@@ -110,9 +110,13 @@ def init_ray(cfg: dict[str, Any]) -> None:
     needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
     # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
     # address="local": always a fresh instance, never someone else's cluster on this machine.
-    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True,
-             runtime_env={"env_vars": {**WORKER_ENV,
-                                       "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+    # The setup hook pins RAY_ADDRESS in every worker, so Train's placement-group cleaner talks to
+    # this instance even when other Ray instances run on the same host (tune/ray_env.py).
+    from tune.ray_env import local_runtime_env
+
+    runtime_env = local_runtime_env()
+    runtime_env["env_vars"].update(WORKER_ENV)
+    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True, runtime_env=runtime_env)
 
 
 def use_gpu(cfg: dict[str, Any]) -> bool:
