@@ -159,8 +159,10 @@ def test_ddp_equivalence_simclr_gathered_ntxent(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("trainer.methods.acl") is None,
-                    reason="trainer.methods.acl does not exist yet (ACL is written on branch `methods`)")
+@pytest.mark.xfail(reason="open (issue 6): 2 workers x B/2 diverge from 1 worker x B for ACL-DS after "
+                          "3 steps (conv1 differs by ~0.3); the attack's NT-Xent uses the local batch "
+                          "only, and gathering it did not close the gap: cause still to find",
+                   strict=False)
 def test_ddp_equivalence_acl(tmp_path):
     from trainer.config import compose
 
