@@ -58,6 +58,8 @@ def finalize(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["cluster"]["storage_path"] = str(Path(cfg["cluster"]["storage_path"]).expanduser().absolute())
     if cfg["teacher"].get("checkpoint"):
         cfg["teacher"]["checkpoint"] = str(Path(cfg["teacher"]["checkpoint"]).expanduser().absolute())
+    if cfg.get("checkpoint"):
+        cfg["checkpoint"] = str(Path(cfg["checkpoint"]).expanduser().absolute())
     if not cfg.get("run_name"):
         cfg["run_name"] = default_run_name(cfg)
     validate(cfg)
@@ -170,6 +172,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise _err("eval.protocols", p, f"unknown protocol; allowed: {', '.join(PROTOCOLS)}")
     if cfg["eval"].get("bn_mode") not in ("eval", "train"):
         raise _err("eval.bn_mode", cfg["eval"].get("bn_mode"), "allowed: eval, train")
+    if cfg["eval"].get("alf_loss", "trades") not in ("trades", "pgd_at"):
+        raise _err("eval.alf_loss", cfg["eval"].get("alf_loss"), "allowed: trades, pgd_at")
+    _positive_int(cfg["eval"], "eval.train_attack_steps", cfg["eval"].get("train_attack_steps", 10))
     _positive_int(cfg["eval"]["linear"], "eval.linear.epochs", cfg["eval"]["linear"].get("epochs"))
     lin_bs = cfg["eval"]["linear"].get("batch_size")
     _positive_int(cfg["eval"]["linear"], "eval.linear.batch_size", lin_bs)
@@ -200,6 +205,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
             _check_method("teacher.method", cfg["teacher"]["method"], world)
     if cfg.get("recipe") == "evaluate" and not cfg.get("checkpoint"):
         raise _err("checkpoint", cfg.get("checkpoint"), "recipe=evaluate needs +checkpoint=/path/to/model.pt")
+    if cfg.get("recipe") == "evaluate":
+        ckpt = Path(cfg["checkpoint"])
+        if not (ckpt.is_file() or (ckpt / "model.pt").is_file()):
+            raise _err("checkpoint", cfg["checkpoint"], "file does not exist; give a model.pt this system "
+                       "wrote (or the folder holding one)")
     if cfg["data"].get("name") not in BUNDLED_SOURCES and not cfg["data"].get("download"):
         from data_pipeline.write import beton_path
 

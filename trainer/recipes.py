@@ -48,7 +48,7 @@ def resolve_recipe(cfg: dict[str, Any]) -> str:
 def plan(cfg: dict[str, Any]) -> list[Stage]:
     recipe = resolve_recipe(cfg)
     if recipe == "evaluate":
-        return [Stage("evaluate_model", "evaluate", needs=["checkpoint"], label="model")]
+        return [Stage("evaluate_model", "evaluate", needs=["checkpoint"], label=cfg["eval"].get("label") or "model")]
     if recipe == "deacl":
         stages = []
         if not cfg["teacher"].get("checkpoint"):
@@ -315,6 +315,39 @@ def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
     return "\n".join(lines)
 
 
+def paper_rows(rows: list[dict[str, Any]], protocols: list[str]) -> list[dict[str, Any]]:
+    """One row per model with SA / RA / AA per protocol (the papers' table layout)."""
+    wide: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        w = wide.setdefault(r["model"], {"model": r["model"]})
+        p = r["protocol"]
+        w[f"{p}_SA"], w[f"{p}_RA"], w[f"{p}_AA"] = r["SA"], r["RA_PGD"], r["AA"]
+    cols = ["model"] + [f"{p.upper()}_{m}" for p in protocols for m in ("SA", "RA", "AA")]
+    return [{c: w.get(c) for c in cols} for w in wide.values()]
+
+
+def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_steps: int) -> str:
+    """Models as rows, protocols as column groups of SA / RA (PGD-n) / AA, in percent."""
+    protocols = [p for p in protocols if any(r["protocol"] == p.upper() for r in rows)]
+    wide = paper_rows(rows, protocols)
+    name_w = max([12] + [len(str(w["model"])) + 2 for w in wide])
+    group_w = 3 * 8
+    top = " " * name_w + "".join(f"{p.upper():^{group_w}}|" for p in protocols)
+    sub = f"{'model':<{name_w}}" + "".join(f"{'SA':>8}{'RA':>8}{'AA':>8}|" for _ in protocols)
+    lines = [top, sub, "-" * len(sub)]
+    for w in wide:
+        cells = []
+        for p in protocols:
+            for m in ("SA", "RA", "AA"):
+                v = w[f"{p.upper()}_{m}"]
+                cells.append(f"{v:8.2f}" if v is not None else f"{'-':>8}")
+            cells.append("|")
+        lines.append(f"{str(w['model']):<{name_w}}" + "".join(cells))
+    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy (full test split), "
+                 "AA: AutoAttack robust accuracy (subset, see AA_n in the CSV); all in %.")
+    return "\n".join(lines)
+
+
 def write_results(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> None:
     rows = results_rows(results["evaluations"], list(cfg["eval"]["protocols"]))
     results["table"] = rows
@@ -323,3 +356,9 @@ def write_results(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> No
         w = csv.DictWriter(f, fieldnames=["model", "protocol", "SA", "RA_PGD", "AA", "AA_n", "n_test"])
         w.writeheader()
         w.writerows(rows)
+    # The same numbers in the papers' layout: one row per model, SA / RA / AA per protocol.
+    wide = paper_rows(rows, list(cfg["eval"]["protocols"]))
+    with open(out / "results_paper.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(wide[0]) if wide else ["model"])
+        w.writeheader()
+        w.writerows(wide)

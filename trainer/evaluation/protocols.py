@@ -1,15 +1,18 @@
 """SLF / ALF / AFF (and RoCL's LE / rLE) on a trained encoder, as a Ray Train worker loop.
 
 - slf: encoder frozen, new linear head trained with CE on clean images.
-- alf: encoder frozen, head trained adversarially (TRADES by default, or PGD-AT).
+- alf: encoder frozen, head trained adversarially (eval.alf_loss: TRADES by default, or PGD-AT).
 - aff: everything trained with TRADES (beta=6).
 - le / rle: RoCL's linear evaluation on clean / PGD-10 adversarial examples (= slf / alf with PGD-AT).
+"Frozen" protocols put the encoder's BN in eval mode (eval.bn_mode=eval) or, like DeACL's reference
+code, leave it in train mode so that its running statistics move (eval.bn_mode=train).
 Then SA and PGD-20 RA on the test split (sharded across workers, counts all-reduced) and
 AutoAttack on a subset. DeACL's recipe is the default (SGD 0.9, wd 2e-4, lr/10 at 15 and 20).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import replace
 from typing import Any, Mapping
@@ -22,7 +25,7 @@ from data_pipeline.loaders import build_loader
 from data_pipeline.write import beton_path
 from trainer.adversarial_training import pgd_at_loss, trades_loss
 from trainer.attacks import network_mode
-from trainer.checkpoint import atomic_save, load_encoder
+from trainer.checkpoint import atomic_save, load_encoder, load_model_file
 from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts, pgd_config
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.runtime import Progress, all_reduce_mean, all_reduce_sum, new_checkpoint_dir, setup_worker
@@ -42,6 +45,25 @@ class Classifier(nn.Module):
 
 PROTOCOL_LOSS = {"slf": "ce", "le": "ce", "alf": "trades", "rle": "pgd_at", "aff": "trades"}
 FULL_FINETUNE = {"aff"}
+ALF_LOSSES = ("trades", "pgd_at")
+
+
+def protocol_loss(protocol: str, ecfg: Mapping[str, Any]) -> str:
+    """The head's training loss: ce | trades | pgd_at (ALF's is eval.alf_loss)."""
+    if protocol == "alf":
+        kind = ecfg.get("alf_loss", "trades")
+        if kind not in ALF_LOSSES:
+            raise ValueError(f"eval.alf_loss={kind!r} is invalid: allowed: {', '.join(ALF_LOSSES)}")
+        return kind
+    return PROTOCOL_LOSS[protocol]
+
+
+def set_train_modes(model: Classifier, full: bool, bn_mode: str = "eval") -> None:
+    """Modes for one training epoch: everything in train mode; a frozen encoder goes to eval mode
+    (BN running statistics fixed) unless bn_mode == "train" (DeACL's reference quirk)."""
+    model.train()
+    if not full and bn_mode == "eval":
+        model.encoder.eval()
 
 
 def run_protocol(cfg: Mapping[str, Any], ctx, model_path: str, protocol: str, label: str,
@@ -70,14 +92,12 @@ def run_protocol(cfg: Mapping[str, Any], ctx, model_path: str, protocol: str, la
     opt = build_optimizer(model.parameters(), tcfg)
     sched = build_scheduler(opt, tcfg, len(train_loader))
     train_attack = pgd_config({**ecfg["pgd"], "steps": int(ecfg.get("train_attack_steps", 10))})
-    loss_kind = PROTOCOL_LOSS[protocol]
+    loss_kind = protocol_loss(protocol, ecfg)
     epochs = int(lin["epochs"])
     progress = Progress(f"{label}/{protocol}", epochs, 0, ctx.is_main)
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
-        model.train()
-        if not full and ecfg.get("bn_mode", "eval") == "eval":
-            model.encoder.eval()  # frozen encoder: BN uses running statistics
+        set_train_modes(model, full, ecfg.get("bn_mode", "eval"))
         t0, n = time.time(), 0
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device)
@@ -149,14 +169,24 @@ def evaluate_loop(config: dict[str, Any]) -> None:
 
     cfg, stage = config["cfg"], config["stage"]
     ctx = setup_worker(cfg)
+    blob = load_model_file(stage["model_path"])
+    arch = {"model_cfg": blob["model_cfg"], "stats": blob["stats"], "num_classes": int(cfg["data"]["num_classes"]),
+            "label": stage["label"], "encoder_checkpoint": str(stage["model_path"])}
     results: dict[str, float] = {}
+    classifiers: dict[str, dict[str, Any]] = {}  # rank 0: every head so far, in every checkpoint
     for protocol in stage["protocols"]:
         res, model = run_protocol(cfg, ctx, stage["model_path"], protocol, stage["label"],
                                   lambda m: ray.train.report(m))
         results.update(res)
         ckpt_dir = None
         if ctx.is_main:
+            # Self-contained (architecture included): trainer.analyze_representations loads it.
+            classifiers[protocol] = {"classifier": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                     "protocol": protocol, "results": res, **arch}
             ckpt_dir = new_checkpoint_dir()
-            atomic_save({"classifier": model.state_dict(), "protocol": protocol, "results": res},
-                        os.path.join(ckpt_dir, f"classifier_{protocol}.pt"))
+            # The stage keeps only the last checkpoint: it must hold the heads of all protocols.
+            for name, blob_p in classifiers.items():
+                atomic_save(blob_p, os.path.join(ckpt_dir, f"classifier_{name}.pt"))
         ray.train.report(dict(results), checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)

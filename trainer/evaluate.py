@@ -1,0 +1,127 @@
+"""Evaluate any checkpoint this system wrote (SLF / ALF / AFF / LE / rLE; SA, PGD-20, AutoAttack).
+
+    python -m trainer.evaluate checkpoint=outputs/<run>/student/model.pt
+    python -m trainer.evaluate checkpoint=... eval.protocols=[slf,alf,aff]
+    python -m trainer.evaluate checkpoint=... eval.protocols=[alf] eval.alf_loss=pgd_at eval.bn_mode=train
+    python -m trainer.evaluate checkpoint=... eval.protocols=[le,rle]          # RoCL's linear evaluation
+    python -m trainer.evaluate checkpoint=... preset=deacl_cifar10 cluster=ray # the papers' budgets
+    python -m trainer.evaluate checkpoint=... --cfg                            # print the config, exit
+    robust-ssl-eval checkpoint=...                                             # installed console script
+
+`checkpoint` is a model.pt (or a folder holding one: a stage folder or a Ray checkpoint folder).
+Everything else is a Hydra override of the root config (conf/); the data set is `data=...` (the
+checkpoint's own normalisation always comes with it; a mismatch with data.stats is warned about).
+This runs the `evaluate` recipe (trainer/recipes.py): one Ray Train run over cluster.num_workers
+workers, then prints the table in the papers' layout (SA / RA / AA per protocol) and writes
+<output_dir>/<run_name>/results.json, results.csv (one row per protocol), results_paper.csv (the
+printed layout) and the trained heads (evaluate_model/classifier_<protocol>.pt). The default run
+name is eval-<label>-<hash of the config and of the checkpoint's bytes>: the same command on the
+same file reuses the finished evaluation, a changed file gets a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, compose, config_hash
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    from trainer.checkpoint import MODEL_FILE
+
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+def checkpoint_label(file: Path, blob: dict[str, Any]) -> str:
+    """Row name: the stage that wrote it (teacher, student, train), else its folder's name."""
+    meta = blob.get("meta") or {}
+    return str(meta.get("stage") or meta.get("method") or file.parent.name or "model")
+
+
+def prepare(args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compose + validate the evaluate config; returns (cfg, info about the checkpoint)."""
+    from trainer.checkpoint import load_model_file
+
+    ckpt = None
+    overrides = []
+    for a in args:
+        key, eq, value = a.lstrip("+").partition("=")
+        if eq and key == "checkpoint":
+            ckpt = value
+        elif eq and key == "recipe" and value != "evaluate":
+            raise ConfigError(f"recipe={value!r} is invalid: trainer.evaluate always runs recipe=evaluate "
+                              "(use python -m trainer.run for the others)")
+        else:
+            overrides.append(a)
+    if not ckpt:
+        raise ConfigError("checkpoint=None is invalid: give checkpoint=/path/to/model.pt (a model this "
+                          "system wrote)")
+    quoted = f"'{ckpt}'" if "'" not in ckpt else ckpt  # paths with spaces or commas
+    cfg = compose(overrides + ["recipe=evaluate", f"++checkpoint={quoted}"])
+    file = checkpoint_file(cfg["checkpoint"])
+    try:
+        blob = load_model_file(file)
+    except Exception as e:  # not a torch file, or not ours
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"checkpoint={ckpt!r} is invalid: cannot be loaded ({type(e).__name__}: {first})") from e
+    if "encoder" not in blob or "model_cfg" not in blob:
+        raise ConfigError(f"checkpoint={ckpt!r} is invalid: not an encoder model.pt written by this system "
+                          f"(keys: {', '.join(sorted(blob))})")
+    sha = _file_sha256(file)
+    if not cfg["eval"].get("label"):
+        cfg["eval"]["label"] = checkpoint_label(file, blob)
+    if not any(a.lstrip("+").startswith("run_name=") for a in overrides):
+        cfg["run_name"] = f"eval-{cfg['eval']['label']}-{config_hash({**cfg, 'checkpoint_sha256': sha})}"
+    info = {"path": str(file), "sha256": sha, "meta": blob.get("meta") or {}, "stats": blob.get("stats"),
+            "model_cfg": blob.get("model_cfg"), "dual_bn": bool(blob.get("dual_bn"))}
+    return cfg, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    show_cfg = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        cfg, info = prepare(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if show_cfg:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    if info["stats"] and info["stats"] != cfg["data"]["stats"]:
+        print(f"warning: the checkpoint normalises with '{info['stats']}' statistics but the evaluation data is "
+              f"'{cfg['data']['name']}' (data.stats={cfg['data']['stats']}); pass data=... to match",
+              file=sys.stderr)
+    from trainer.recipes import format_paper_table, run_dir, run_recipe, write_results
+
+    results = run_recipe(cfg)
+    results["checkpoint"] = info
+    results["eval_settings"] = {k: cfg["eval"][k] for k in ("protocols", "bn_mode", "alf_loss",
+                                                             "train_attack_steps", "linear", "pgd", "autoattack")}
+    write_results(run_dir(cfg), results, cfg)
+    print()
+    print(format_paper_table(results["table"], list(cfg["eval"]["protocols"]), int(cfg["eval"]["pgd"]["steps"])))
+    out = results["run_dir"]
+    print(f"\nresults: {out}/results.json, {out}/results.csv, {out}/results_paper.csv; "
+          f"heads: {out}/evaluate_model/classifier_<protocol>.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
