@@ -41,7 +41,8 @@ class OpSpy(TorchDispatchMode):
             self.masks[("conv", tuple(args[-1]))] += 1
         elif func is torch.ops.aten.native_batch_norm_backward.default:
             self.masks[("bn", tuple(args[-1]))] += 1
-        elif func is torch.ops.aten._local_scalar_dense.default:
+        elif func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                      torch.ops.aten.masked_select.default):  # .item()/bool(t), and ops that sync on CUDA
             self.host_syncs += 1
         return func(*args, **(kwargs or {}))
 
@@ -181,8 +182,14 @@ def test_compile_without_compiler_runs_eagerly(tmp_path, monkeypatch):
     assert getattr(method.encoder, "_compiled_call_impl", None) is None
 
 
+def test_freeze_auto_follows_compile(tmp_path):
+    assert not _deacl(tmp_path)[1].freeze_params_in_attack
+    assert _deacl(tmp_path, compile=True)[1].freeze_params_in_attack
+    assert not _deacl(tmp_path, compile=True, freeze_params_in_attack=False)[1].freeze_params_in_attack
+
+
 def test_network_mode_and_freeze_compose_in_attack_mode(tmp_path):
-    _, method = _deacl(tmp_path)
+    _, method = _deacl(tmp_path, freeze_params_in_attack=True)
     method.train()
     with method.attack_mode(train=False):
         assert not method.encoder.training

@@ -143,12 +143,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise _err("recipe", cfg.get("recipe"), f"allowed: {', '.join(RECIPES)}")
     if cfg.get("precision") not in ("auto", "fp32", "bf16"):
         raise _err("precision", cfg.get("precision"), "allowed: auto, fp32, bf16")
-    if cfg.get("channels_last", "auto") not in ("auto", True, False):
-        raise _err("channels_last", cfg.get("channels_last"), "allowed: auto, true, false")
-    if cfg.get("compile", False) not in (True, False, *COMPILE_MODES):
-        raise _err("compile", cfg.get("compile"), f"allowed: true, false, {', '.join(COMPILE_MODES)}")
-    if not isinstance(cfg.get("freeze_params_in_attack", True), bool):
-        raise _err("freeze_params_in_attack", cfg.get("freeze_params_in_attack"), "allowed: true, false")
+    for key, default, words in (("channels_last", "auto", ("auto",)), ("compile", False, COMPILE_MODES),
+                                ("freeze_params_in_attack", "auto", ("auto",))):
+        v = cfg.get(key, default)
+        if not (isinstance(v, bool) or (isinstance(v, str) and v in words)):
+            raise _err(key, v, f"allowed: true, false, {', '.join(words)}")
     _check_attack("attack", cfg["attack"])
     _check_attack("eval.pgd", cfg["eval"]["pgd"])
     _check_method("method", cfg["method"], world)
