@@ -92,7 +92,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     out_file = config["stage"]["bench"]["out"]
     bare_steps = int(config["stage"]["bench"]["bare_steps"])
     original_report = ray.train.report
-    parts = {"knn_s": 0.0, "checkpoint_write_s": 0.0}
+    parts = {"knn_s": 0.0, "checkpoint_write_s": 0.0, "loader_wait_s": 0.0}
     which = {"extract_features": "knn_s", "knn_accuracy": "knn_s",
              "save_model": "checkpoint_write_s", "atomic_save": "checkpoint_write_s"}
     originals = {name: getattr(tl, name) for name in which if hasattr(tl, name)}
@@ -129,11 +129,43 @@ def bench_loop(config: dict[str, Any]) -> None:
 
     for name, fn in originals.items():
         setattr(tl, name, timing(name, fn))
+    build_loader = tl.build_loader
+
+    class TimedLoader:
+        """The training loader, timing how long the loop waits in next() (FFCV + float conversion)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def __iter__(self):
+            it = iter(self.inner)
+            while True:
+                t = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    parts["loader_wait_s"] += time.perf_counter() - t
+                    return
+                parts["loader_wait_s"] += time.perf_counter() - t
+                yield batch
+
+    def build_loader_timed(path: str, views: str, *a: Any, **k: Any):
+        loader = build_loader(path, views, *a, **k)
+        return loader if views == "eval" else TimedLoader(loader)
+
+    tl.build_loader = build_loader_timed
     ray.train.report = report
     try:
         tl.pretrain_loop(config)
     finally:
         ray.train.report = original_report
+        tl.build_loader = build_loader
         for name, fn in originals.items():
             setattr(tl, name, fn)
 
@@ -153,6 +185,7 @@ def summarise(epochs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
             "step_loop_efficiency": (e["images"] / e["step_loop_s"]) / bare_wall,
             "epilogue_share": 1 - e["step_loop_s"] / e["span_wall_s"],
             "knn_share": e.get("knn_s", 0.0) / e["span_wall_s"],
+            "loader_wait_share": e.get("loader_wait_s", 0.0) / e["span_wall_s"],
             "checkpoint_share": (e.get("checkpoint_write_s", 0.0) + e.get("report_s", 0.0)) / e["span_wall_s"],
             "knn": e["knn"]})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("epoch", "knn")}
@@ -225,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in summary["epochs"]:
         print(f"epoch {r['epoch']}: pipeline {r['pipeline_img_s']:7.1f} img/s | bare step {r['bare_img_s']:7.1f} img/s"
               f" | efficiency wall {r['efficiency_wall']:.2f} cpu {r['efficiency_cpu']:.2f} | step loop alone "
-              f"{r['step_loop_efficiency']:.2f} | epilogue {100 * r['epilogue_share']:.1f}% of the epoch: kNN "
+              f"{r['step_loop_efficiency']:.2f} (waiting for batches {100 * r['loader_wait_share']:.1f}% of the epoch) "
+              f"| epilogue {100 * r['epilogue_share']:.1f}% of the epoch: kNN "
               f"{100 * r['knn_share']:.1f}%, checkpoint write + report {100 * r['checkpoint_share']:.1f}%", flush=True)
     m = summary["median"]
     print(f"median: efficiency wall {m['efficiency_wall']:.2f}, cpu {m['efficiency_cpu']:.2f} "
