@@ -18,6 +18,7 @@ RECIPES = ("auto", "pretrain", "deacl", "evaluate")
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("cosine", "step", "constant")
 PROTOCOLS = ("slf", "alf", "aff", "le", "rle")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise _err("recipe", cfg.get("recipe"), f"allowed: {', '.join(RECIPES)}")
     if cfg.get("precision") not in ("auto", "fp32", "bf16"):
         raise _err("precision", cfg.get("precision"), "allowed: auto, fp32, bf16")
+    for key, default, words in (("channels_last", "auto", ("auto",)), ("compile", False, COMPILE_MODES),
+                                ("freeze_params_in_attack", "auto", ("auto",))):
+        v = cfg.get(key, default)
+        if not (isinstance(v, bool) or (isinstance(v, str) and v in words)):
+            raise _err(key, v, f"allowed: true, false, {', '.join(words)}")
     _check_attack("attack", cfg["attack"])
     _check_attack("eval.pgd", cfg["eval"]["pgd"])
     _check_method("method", cfg["method"], world)

@@ -55,10 +55,14 @@ def build_optimizer(params: Iterable[nn.Parameter], train_cfg: Mapping[str, Any]
     wd, mom = float(train_cfg.get("weight_decay", 0.0)), float(train_cfg.get("momentum", 0.9))
     if train_cfg["optimizer"] == "lars":
         return LARS(params, lr=lr, momentum=mom, weight_decay=wd)
-    kwargs: dict[str, Any] = {}
-    if any(p.is_cuda for p in params):
-        kwargs["fused"] = True
-    return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd, **kwargs)
+    fused = train_cfg.get("fused", "auto")  # auto: the fused kernel where this torch has one
+    if fused in ("auto", True) and params:
+        try:  # one kernel per parameter (CUDA and, since torch 2.4, CPU); same arithmetic as the loop
+            return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            if fused is True:
+                raise
+    return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Mapping[str, Any],

@@ -29,9 +29,9 @@ from trainer.evaluation.features import extract_features, knn_accuracy
 from trainer.evaluation.monitor import build_val_monitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import (Progress, all_reduce_mean, autocast_context, convert_sync_batchnorm,
-                             inject_nonfinite, maybe_inject_failure, new_checkpoint_dir, setup_worker,
-                             use_channels_last)
+from trainer.runtime import (Progress, all_reduce_mean, convert_sync_batchnorm, inject_nonfinite,
+                             maybe_inject_failure, new_checkpoint_dir, setup_worker)
+from trainer.step import TrainStep, prepare_method
 
 
 FULL_MODEL_FILE = "model_full.pt"
@@ -87,11 +87,9 @@ def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
     per_rank_batch = int(tcfg["batch_size"]) // ctx.world_size
 
     method = build_method(cfg, mcfg, ctx.device, **stage.get("method_kwargs", {}))
-    if use_channels_last(cfg, ctx.device):
-        method.encoder.to(memory_format=torch.channels_last)
-    method.parallelize(_wrap_ddp(cfg, ctx.device, ctx.world_size))
-    if cfg.get("compile"):
-        method.net = torch.compile(method.net)
+    # channels_last / torch.compile / DDP, in that order (trainer/step.py)
+    prepare_method(method, cfg, ctx.device, wrap=_wrap_ddp(cfg, ctx.device, ctx.world_size),
+                   log=print if ctx.is_main else lambda _: None)
 
     data = cfg["data"]
     loader = build_loader(str(beton_path(data, "train")), method.views, per_rank_batch, ctx.device,
@@ -142,28 +140,17 @@ def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
     val_monitor = build_val_monitor(cfg, per_rank_batch, ctx)  # linear probe + PGD on val (Tune's metric)
 
     progress = Progress(stage["name"], epochs, start_epoch, ctx.is_main)
-    amp = autocast_context(cfg, ctx.device)
-    channels_last = use_channels_last(cfg, ctx.device)
+    train_step = TrainStep(method, optimizer, scheduler, cfg, ctx.device)  # no host sync inside
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         method.train()
         t0 = time.time()
         sums: dict[str, torch.Tensor] = {}
         n_images = 0
-        nan_epoch = inject_nonfinite(cfg, epoch)
+        train_step.poison_loss = inject_nonfinite(cfg, epoch)  # debug hook (tests)
         for step, batch in enumerate(loader):
             maybe_inject_failure(cfg, ctx, epoch, step, steps)
-            if channels_last:
-                batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
-            with amp:
-                loss, metrics = method.training_step(batch)
-            if nan_epoch:
-                loss = loss * float("nan")
-                metrics = {**metrics, "loss": loss.detach()}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            metrics = train_step(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float()
             n_images += batch["views"][0].shape[0]

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from trainer.attacks import network_mode, pgd_attack
+from trainer.attacks import pgd_attack
 from trainer.losses import nt_xent
 from trainer.methods.base import Method, register_method
 from trainer.models import Encoder
@@ -106,7 +106,7 @@ class ACL(Method):
         """The adversarial views (x1', x2'); for A2S x2 is returned unchanged (the same tensor)."""
         b = x1.shape[0]
         t = self.temperature
-        with network_mode([self.encoder], train=self.attack_train_mode):
+        with self.attack_mode(train=self.attack_train_mode):
             if self.variant == "a2s":
                 with torch.no_grad():
                     z2 = self._project(x2, "normal")  # the clean partner: fixed during the attack

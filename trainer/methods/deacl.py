@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.attacks import network_mode, pgd_attack
+from trainer.attacks import pgd_attack
 from trainer.checkpoint import load_encoder
 from trainer.losses import deacl_attack_objective, deacl_loss
 from trainer.methods.base import Method, register_method
@@ -50,12 +50,15 @@ class DeACL(Method):
         self.encoder.train()
         self.teacher.eval()
 
+    def inference_modules(self) -> list[torch.nn.Module]:
+        return [self.encoder, self.teacher]  # the teacher gets the same layout / compilation
+
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         (x,) = batch["views"]
         b = x.shape[0]
         with torch.no_grad():
             f_t = self.teacher(x)
-        with network_mode([self.encoder], train=False):
+        with self.attack_mode(train=False):
             x_adv = pgd_attack(x, lambda xa: deacl_attack_objective(self.encoder(xa), f_t), self.attack)
         f_s = self.net(torch.cat([x, x_adv]))
         loss = deacl_loss(f_s[:b], f_s[b:], f_t, float(self.mcfg["lam"]))

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.attacks import network_mode, pgd_attack
+from trainer.attacks import pgd_attack
 from trainer.losses import multi_positive_nt_xent, rocl_loss
 from trainer.methods.base import Method, register_method
 
@@ -47,7 +47,7 @@ class RoCL(Method):
 
     def make_adversarial(self, x_t: torch.Tensor, x_t2: torch.Tensor) -> torch.Tensor:
         """t(x)_adv: t(x) perturbed to maximise NT-Xent(t(x)_adv, t'(x)) (eval mode, local batch)."""
-        with network_mode([self.encoder], train=False):
+        with self.attack_mode(train=False):
             with torch.no_grad():
                 z_t2 = self.encoder(x_t2, project=True)[1]  # the target: fixed during the attack
 

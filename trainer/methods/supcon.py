@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.attacks import network_mode, pgd_attack
+from trainer.attacks import pgd_attack
 from trainer.losses import supcon
 from trainer.methods.base import Method, register_method
 
@@ -49,7 +49,7 @@ class SupCon(Method):
 
     def make_adversarial(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """x' maximising contrastive(x, x') (eval mode, this rank's batch)."""
-        with network_mode([self.encoder], train=False):
+        with self.attack_mode(train=False):
             with torch.no_grad():
                 z = self.encoder(x, project=True)[1]
 

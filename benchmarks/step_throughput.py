@@ -1,0 +1,385 @@
+"""Images/s of the DeACL, ACL-DS and RoCL training steps: this project's step vs a plain reference.
+
+The *project* side is exactly what a worker runs per batch: `build_method` ->
+`trainer.step.prepare_method` (channels_last, torch.compile when asked) -> `trainer.step.TrainStep`
+(autocast, `method.training_step`, backward, the configured optimiser). The *reference* side is
+the same step written the straightforward way, as the papers' code does it: fp32, NCHW, one
+forward pass per input batch, the teacher (DeACL) / the attack target (RoCL) computed with
+autograd on, and PGD calling `loss.backward()` so that every parameter gradient is computed at
+every attack step and then zeroed; the optimiser is plain `torch.optim.SGD` (for-loop on CPU,
+its default) or a per-parameter LARS loop. Same model class and initial weights, same batch,
+same preloaded tensors (no loader), same device and threads.
+
+The two sides run interleaved in one process (project, reference, reference, project, ...),
+`--steps` steps per timed run, `--rounds` runs each; the figures are medians, the ratio is the
+median of per-round ratios, so load on a shared machine hits both sides alike. Every run is
+timed twice: wall clock (`wall`, what a user sees) and this process's CPU time (`cpu`): with
+`--threads 1` on a machine shared with other jobs the CPU time is the stable measure of the
+work each side does (wall time there mostly measures the scheduler).
+
+    python benchmarks/step_throughput.py                                   # CPU, width 16, batch 128
+    python benchmarks/step_throughput.py --width 64 --batch 512 --device cuda --precision bf16
+
+`--json PATH` writes the figures. See docs/performance.md for measured numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+
+from trainer.attacks import PGDConfig  # noqa: E402
+from trainer.checkpoint import save_model  # noqa: E402
+from trainer.methods import build_method  # noqa: E402
+from trainer.models import build_encoder  # noqa: E402
+from trainer.models.dual_bn import bn_route  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.step import TrainStep, prepare_method  # noqa: E402
+
+CONF = ROOT / "conf"
+# benchmark name -> (method config, attack config, method overrides)
+METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "deacl": ("deacl", "pgd5_linf", {}),
+    "acl_ds": ("acl", "pgd5_linf", {"variant": "ds"}),
+    "rocl": ("rocl", "rocl_pgd7", {}),
+}
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def ref_pgd(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
+            a: PGDConfig) -> torch.Tensor:
+    """L-inf PGD as the papers' code writes it: loss.backward() (parameter grads too), zero_grad."""
+    x = x.detach()
+    x_adv = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).clamp(0, 1)
+    for _ in range(a.steps):
+        x_adv.requires_grad_(True)
+        loss = objective(x_adv).sum()
+        model.zero_grad()
+        loss.backward()
+        step = a.alpha * x_adv.grad.sign()
+        x_adv = torch.min(torch.max(x_adv.detach() + step, x - a.eps), x + a.eps).clamp(0, 1)
+    model.zero_grad()
+    return x_adv.detach()
+
+
+def ref_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over 2B anchors, the usual cross-entropy formulation."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.t() / t).masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def ref_multi_positive(views: list[torch.Tensor], t: float, detach_right: bool) -> torch.Tensor:
+    """NT-Xent with every view of an image a positive (RoCL), mean over positives."""
+    b, v = views[0].shape[0], len(views)
+    z = F.normalize(torch.cat(views), dim=1)
+    right = z.detach() if detach_right else z
+    eye = torch.eye(v * b, dtype=torch.bool, device=z.device)
+    logp = (z @ right.t() / t).masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    ids = torch.arange(b, device=z.device).repeat(v)
+    pos = (ids[:, None] == ids[None, :]) & ~eye
+    return -(logp.masked_fill(~pos, 0.0).sum(1) / (v - 1)).mean()
+
+
+class RefLARS(torch.optim.Optimizer):
+    """The LARS loop of SimCLR/ACL code: one parameter at a time."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.norm(p), torch.norm(g)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                        torch.ones_like(p_norm))
+                    g = g.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def ref_optimizer(params, train: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    wd, mom = float(train.get("weight_decay", 0.0)), float(train.get("momentum", 0.9))
+    if train["optimizer"] == "lars":
+        return RefLARS(params, lr=lr, momentum=mom, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+
+
+class RefDeACL:
+    def __init__(self, student, teacher, mcfg, attack: PGDConfig, lr: float) -> None:
+        self.student, self.teacher, self.attack = student, teacher, attack
+        self.lam = float(mcfg["lam"])
+        for p in self.teacher.parameters():  # the reference never freezes its teacher
+            p.requires_grad_(True)
+        self.opt = ref_optimizer(student.parameters(), mcfg["train"], lr)
+
+    def __call__(self, views: list[torch.Tensor]) -> None:
+        (x,) = views
+        self.teacher.eval()
+        f_t = self.teacher(x)  # autograd on, as in the reference
+        self.student.eval()
+        x_adv = ref_pgd(self.student, x, lambda xa: -F.cosine_similarity(self.student(xa), f_t.detach()),
+                        self.attack)
+        self.student.train()
+        f_s = self.student(x)
+        f_adv = self.student(x_adv)
+        loss = -F.cosine_similarity(f_s, f_t).mean() - self.lam * F.cosine_similarity(f_adv, f_s).mean()
+        self.opt.zero_grad()
+        loss.backward()  # also runs back through the teacher
+        self.opt.step()
+        self.teacher.zero_grad()
+
+
+class RefACLDS:
+    def __init__(self, model, mcfg, attack: PGDConfig, lr: float) -> None:
+        self.model, self.attack = model, attack
+        self.t = float(mcfg.get("temperature", 0.5))
+        self.w = [float(v) for v in mcfg.get("stream_weights", [0.5, 0.5])]
+        self.opt = ref_optimizer(model.parameters(), mcfg["train"], lr)
+
+    def _proj(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        with bn_route(self.model, route):
+            return self.model(x, project=True)[1]
+
+    def __call__(self, views: list[torch.Tensor]) -> None:
+        x1, x2 = views
+        b = x1.shape[0]
+        self.model.eval()
+
+        def joint(xa: torch.Tensor) -> torch.Tensor:
+            z = self._proj(xa, "pgd")
+            return ref_nt_xent(z[:b], z[b:], self.t)
+
+        x_adv = ref_pgd(self.model, torch.cat([x1, x2]), joint, self.attack)
+        self.model.train()
+        z_n = self._proj(torch.cat([x1, x2]), "normal")
+        z_p = self._proj(x_adv, "pgd")
+        loss = self.w[0] * ref_nt_xent(z_n[:b], z_n[b:], self.t) + self.w[1] * ref_nt_xent(z_p[:b], z_p[b:], self.t)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+class RefRoCL:
+    def __init__(self, model, mcfg, attack: PGDConfig, lr: float) -> None:
+        self.model, self.attack = model, attack
+        self.t, self.lam = float(mcfg.get("temperature", 0.5)), float(mcfg.get("lam", 256.0))
+        self.detach_right = bool(mcfg.get("detach_right", True))
+        self.scale = 2.0 if mcfg.get("sum_positives", True) else 1.0
+        self.opt = ref_optimizer(model.parameters(), mcfg["train"], lr)
+
+    def __call__(self, views: list[torch.Tensor]) -> None:
+        _, x_t, x_t2 = views
+        self.model.eval()
+        target = self.model(x_t2, project=True)[1]  # autograd on, as in the reference
+        x_adv = ref_pgd(self.model, x_t,
+                        lambda xa: ref_multi_positive([self.model(xa, project=True)[1], target.detach()],
+                                                      self.t, self.detach_right), self.attack)
+        self.model.train()
+        z_t = self.model(x_t, project=True)[1]
+        z_t2 = self.model(x_t2, project=True)[1]
+        z_adv = self.model(x_adv, project=True)[1]
+        loss = (self.scale * ref_multi_positive([z_t, z_t2, z_adv], self.t, self.detach_right)
+                + ref_multi_positive([z_adv, z_t2], self.t, self.detach_right) / self.lam)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+# ----------------------------------------------------------------------------- setup
+
+def load_yaml(group: str, name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+
+
+def make_cfg(args: argparse.Namespace, attack: str) -> dict[str, Any]:
+    model = load_yaml("model", args.model)
+    if args.width:
+        model["width"] = args.width
+    if args.proj_hidden_dim:
+        model["proj_hidden_dim"] = args.proj_hidden_dim
+    return {"attack": load_yaml("attack", attack), "model": model,
+            "data": {"stats": "cifar10", "num_classes": 10},
+            "precision": args.precision, "channels_last": args.channels_last,
+            "compile": args.compile, "freeze_params_in_attack": args.freeze}
+
+
+def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: str):
+    """(project step, reference step, number of views) for one method, same initial weights."""
+    method_name, attack_name, overrides = METHODS[name]
+    cfg = make_cfg(args, attack_name)
+    mcfg = {**load_yaml("method", method_name), **overrides}
+    mcfg["train"] = {**mcfg["train"], "batch_size": args.batch}
+    kwargs = {}
+    torch.manual_seed(0)
+    if method_name == "deacl":
+        teacher = build_encoder(cfg["model"], "cifar10", with_projector=False)
+        kwargs["teacher_path"] = os.path.join(tmp, "teacher.pt")
+        save_model(kwargs["teacher_path"], teacher, cfg["model"], "cifar10")
+    method = build_method(cfg, mcfg, device, **kwargs)
+    # the reference's copies, taken before any layout change or compilation: plain fp32 NCHW
+    init = copy.deepcopy(method.encoder)
+    ref_teacher = copy.deepcopy(method.teacher) if method_name == "deacl" else None
+    prepare_method(method, cfg, device)
+    step = TrainStep(method, build_optimizer(method.encoder.parameters(), mcfg["train"]), None, cfg, device)
+    method.train()
+
+    def project(views: list[torch.Tensor]) -> None:
+        step({"views": list(views), "label": None})
+
+    from trainer.optim import scaled_lr
+
+    attack = method.attack
+    lr = scaled_lr(mcfg["train"])
+    if method_name == "deacl":
+        reference = RefDeACL(init, ref_teacher, mcfg, attack, lr)
+    elif method_name == "acl":
+        reference = RefACLDS(init, mcfg, attack, lr)
+    else:
+        reference = RefRoCL(init, mcfg, attack, lr)
+    n_views = {"weak": 1, "two_view": 2, "three_view": 3}[method.views]
+    return project, reference, n_views
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[list[torch.Tensor]], None], batches: list[list[torch.Tensor]], steps: int,
+          device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for `steps` steps."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        fn(batches[i % len(batches)])
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the workers set it; both sides profit
+    info = machine()
+    info.update(device=str(device), args=vars(args))
+    print(f"# {info['cpu']} | {info['cores']} cores | torch {info['torch']} | {info['threads']} threads | "
+          f"device {device}{' (' + info['gpu'] + ')' if device.type == 'cuda' else ''} | "
+          f"load avg {' '.join(f'{v:.2f}' for v in info['loadavg_start'])}", flush=True)
+    print(f"# width {args.width or 'model default'} ({args.model}), batch {args.batch}, {args.res}x{args.res}, "
+          f"precision {args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
+          f"freeze params in attack {args.freeze}; {args.rounds} rounds x {args.steps} steps", flush=True)
+    results: dict[str, Any] = {"machine": info, "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.methods:
+            project, reference, n_views = build_sides(name, args, device, tmp)
+            g = torch.Generator().manual_seed(1)
+            batches = [[torch.rand(args.batch, 3, args.res, args.res, generator=g).to(device)
+                        for _ in range(n_views)] for _ in range(2)]
+            for fn in (project, reference):  # warm-up: kernels, allocator, cudnn autotune, compile
+                if args.warmup:
+                    timed(fn, batches, args.warmup, device)
+            got: dict[str, list[tuple[float, float]]] = {"p": [], "r": []}
+            for r in range(args.rounds):
+                order = [("p", project), ("r", reference)]
+                if r % 2:
+                    order.reverse()
+                for k, fn in order:
+                    got[k].append(timed(fn, batches, args.steps, device))
+            imgs = args.batch * args.steps
+            row: dict[str, Any] = {"images_per_run": imgs}
+            for clock, i in (("wall", 0), ("cpu", 1)):
+                tp, tr = [t[i] for t in got["p"]], [t[i] for t in got["r"]]
+                ratios = [b / a for a, b in zip(tp, tr)]
+                row[clock] = {"project_img_s": imgs / statistics.median(tp),
+                              "reference_img_s": imgs / statistics.median(tr),
+                              "ratio": statistics.median(ratios), "ratios": ratios,
+                              "project_s": tp, "reference_s": tr}
+            results["methods"][name] = row
+            for clock in ("wall", "cpu"):
+                c = row[clock]
+                print(f"{name:8s} {clock:4s} project {c['project_img_s']:9.1f} img/s | reference "
+                      f"{c['reference_img_s']:9.1f} img/s | ratio {c['ratio']:.2f}x "
+                      f"(per round: {' '.join(f'{v:.2f}' for v in c['ratios'])})", flush=True)
+            del project, reference, batches
+    info["loadavg_end"] = list(os.getloadavg())
+    print(f"# load avg at end {' '.join(f'{v:.2f}' for v in info['loadavg_end'])}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--model", default="resnet18", help="conf/model/<name>.yaml")
+    p.add_argument("--width", type=int, default=16, help="ResNet base width (64 = the papers'; 0: the yaml's)")
+    p.add_argument("--proj-hidden-dim", type=int, default=0, help="projector hidden width (0: the yaml's)")
+    p.add_argument("--batch", type=int, default=128, help="images per step (per device)")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed run")
+    p.add_argument("--rounds", type=int, default=5, help="timed runs per side, interleaved")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="project side (auto: bf16 on CUDA, fp32 on CPU); the reference is always fp32")
+    p.add_argument("--channels-last", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true",
+                   help="project side: auto | true | false")
+    p.add_argument("--compile", action="store_true", help="project side: torch.compile the networks")
+    p.add_argument("--freeze", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true",
+                   help="project side: freeze_params_in_attack, auto (with --compile) | true | false")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--json", default="", help="write the results here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run(parse_args())

@@ -1,0 +1,78 @@
+"""The benchmark scripts run (tiny settings, no timing asserted) and their reference step computes
+the same losses as the project's, so the comparison they print stays a comparison of one algorithm."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.step_throughput import RefLARS, ref_multi_positive, ref_nt_xent
+from trainer.losses import multi_positive_nt_xent, nt_xent
+from trainer.optim import LARS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], timeout: int) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_reference_losses_match_the_project():
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    assert torch.allclose(ref_nt_xent(z[0], z[1], 0.5), nt_xent(z[0], z[1], 0.5, gather=False), atol=1e-6)
+    for detach in (True, False):
+        assert torch.allclose(ref_multi_positive(z, 0.5, detach),
+                              multi_positive_nt_xent(z, 0.5, gather=False, detach_right=detach), atol=1e-6)
+
+
+def test_reference_lars_matches_the_project():
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(3)]
+    grads = [torch.randn_like(p) for p in params]
+    out = []
+    for cls in (LARS, RefLARS):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = cls(ps, lr=0.5, momentum=0.9, weight_decay=1e-4)
+        for _ in range(2):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            opt.step()
+        out.append(ps)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+
+
+def test_step_throughput_script_runs(tmp_path):
+    out = tmp_path / "step.json"
+    stdout = _run(["benchmarks/step_throughput.py", "--width", "4", "--proj-hidden-dim", "32", "--batch", "4",
+                   "--res", "16", "--steps", "1", "--rounds", "2", "--warmup", "0", "--threads", "1",
+                   "--device", "cpu", "--json", str(out)], timeout=600)
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"deacl", "acl_ds", "rocl"}
+    for name, row in res["methods"].items():
+        assert f"{name:8s} wall project" in stdout
+        for clock in ("wall", "cpu"):
+            assert row[clock]["project_img_s"] > 0 and row[clock]["reference_img_s"] > 0
+            assert len(row[clock]["ratios"]) == 2
+    assert res["machine"]["loadavg_start"] and res["machine"]["cpu"]
+
+
+@pytest.mark.slow
+def test_pipeline_efficiency_script_runs(tmp_path):
+    out = tmp_path / "pipe.json"
+    stdout = _run(["benchmarks/pipeline_efficiency.py", "--width", "4", "--batch", "128", "--epochs", "2",
+                   "--warmup-epochs", "1", "--attack-steps", "1", "--bare-steps", "1", "--threads", "1",
+                   "--output-dir", str(tmp_path / "run"), "--json", str(out),
+                   "model.proj_hidden_dim=32", "model.proj_output_dim=16"], timeout=900)
+    res = json.loads(out.read_text())
+    assert [e["epoch"] for e in res["raw"]] == [1, 2]
+    assert [e["epoch"] for e in res["epochs"]] == [2]  # the warm-up epoch is excluded
+    assert res["median"]["efficiency_wall"] > 0 and res["median"]["efficiency_cpu"] > 0
+    assert res["raw"][0]["knn"] and res["raw"][0]["knn_s"] > 0 and res["raw"][0]["checkpoint_write_s"] > 0
+    assert "median: efficiency wall" in stdout
