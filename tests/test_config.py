@@ -36,6 +36,7 @@ def test_run_name_is_deterministic_and_config_dependent(tmp_path):
 @pytest.mark.parametrize("override, key, allowed", [
     ("attack.eps=-0.1", "attack.eps", "[0, 1]"),
     ("attack.steps=0", "attack.steps", ">= 1"),
+    ("attack.gather_negatives=sometimes", "attack.gather_negatives", "true, false"),
     ("eval.pgd.steps=0", "eval.pgd.steps", ">= 1"),
     ("method=nosuchmethod", "method", "deacl"),
     ("method.name=nosuchmethod", "method.name", "simclr"),

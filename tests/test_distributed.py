@@ -37,7 +37,7 @@ def _batches(views: int, res: int) -> list[dict]:
 
 
 def _train_steps(rank: int, world: int, cfg: dict, method_cfg: dict, kwargs: dict, port: int,
-                 out: str) -> None:
+                 out: str, dtype: torch.dtype = torch.float32) -> None:
     """k optimizer steps of `method` on this rank's slice of every global batch."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -47,6 +47,7 @@ def _train_steps(rank: int, world: int, cfg: dict, method_cfg: dict, kwargs: dic
     from trainer.runtime import convert_sync_batchnorm
 
     torch.set_num_threads(1)
+    torch.set_default_dtype(dtype)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -82,21 +83,26 @@ def _train_steps(rank: int, world: int, cfg: dict, method_cfg: dict, kwargs: dic
             dist.destroy_process_group()
 
 
-def _spawn_target(rank, world, cfg, method_cfg, kwargs, port, out):
-    _train_steps(rank, world, cfg, method_cfg, kwargs, port, out)
+def _spawn_target(rank, world, cfg, method_cfg, kwargs, port, out, dtype):
+    _train_steps(rank, world, cfg, method_cfg, kwargs, port, out, dtype)
 
 
-def _check_equivalence(cfg: dict, method_cfg: dict, kwargs: dict, tmp_path: Path) -> None:
+def _check_equivalence(cfg: dict, method_cfg: dict, kwargs: dict, tmp_path: Path,
+                       dtype: torch.dtype = torch.float32, rtol: float = 1e-4, atol: float = 2e-5) -> None:
     import torch.multiprocessing as mp
 
     from trainer.methods import build_method
 
     ref, ddp = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    _train_steps(0, 1, cfg, method_cfg, kwargs, 0, ref)
-    mp.spawn(_spawn_target, args=(2, cfg, method_cfg, kwargs, _free_port(), ddp), nprocs=2, join=True)
+    before = torch.get_default_dtype()
+    try:
+        _train_steps(0, 1, cfg, method_cfg, kwargs, 0, ref, dtype)
+        torch.manual_seed(0)
+        init = build_method(cfg, method_cfg, torch.device("cpu"), **kwargs).encoder.state_dict()
+    finally:
+        torch.set_default_dtype(before)
+    mp.spawn(_spawn_target, args=(2, cfg, method_cfg, kwargs, _free_port(), ddp, dtype), nprocs=2, join=True)
     a, b = torch.load(ref, weights_only=True), torch.load(ddp, weights_only=True)
-    torch.manual_seed(0)
-    init = build_method(cfg, method_cfg, torch.device("cpu"), **kwargs).encoder.state_dict()
     assert a.keys() == b.keys()
     moved = 0.0
     for k in a:
@@ -104,7 +110,7 @@ def _check_equivalence(cfg: dict, method_cfg: dict, kwargs: dict, tmp_path: Path
             assert torch.equal(a[k], b[k]), k  # e.g. num_batches_tracked
             continue
         moved = max(moved, (a[k] - init[k]).abs().max().item())
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
     assert moved > 1e-3, "the check is vacuous: the parameters barely moved"
 
 
@@ -159,17 +165,17 @@ def test_ddp_equivalence_simclr_gathered_ntxent(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (issue 6): 2 workers x B/2 diverge from 1 worker x B for ACL-DS after "
-                          "3 steps (conv1 differs by ~0.3); the attack's NT-Xent uses the local batch "
-                          "only, and gathering it did not close the gap: cause still to find",
-                   strict=False)
 def test_ddp_equivalence_acl(tmp_path):
     from trainer.config import compose
 
     cfg = compose(tiny_overrides(tmp_path, **{"method": "acl", "recipe": "pretrain", "data.resolution": "16",
                                               "method.train.optimizer": "sgd", "method.train.lr": "0.05",
                                               "method.train.weight_decay": "0", "attack.steps": "2"}))
-    _check_equivalence(cfg, cfg["method"], {}, tmp_path)
+    # In float32 the two runs craft bit-identical adversarial examples (the attack's NT-Xent
+    # gathers every rank's negatives) and agree to 2e-6 after two steps, but the loss is badly
+    # conditioned on this tiny untrained net (ill-conditioned BN channels), so reduction-order
+    # rounding grows to ~3e-4 by step 3. In float64 the same check is tight.
+    _check_equivalence(cfg, cfg["method"], {}, tmp_path, dtype=torch.float64, rtol=1e-7, atol=1e-9)
 
 
 TWO_NODE_SNIPPET = r"""

@@ -96,6 +96,8 @@ def _check_attack(prefix: str, attack: Mapping[str, Any]) -> None:
     _positive_int(attack, f"{prefix}.steps", attack.get("steps"))
     if attack.get("norm", "linf") not in ("linf", "l2"):
         raise _err(f"{prefix}.norm", attack.get("norm"), "allowed: linf, l2")
+    if not isinstance(attack.get("gather_negatives", True), bool):
+        raise _err(f"{prefix}.gather_negatives", attack.get("gather_negatives"), "allowed: true, false")
 
 
 def _check_train(prefix: str, train: Mapping[str, Any], world_size: int) -> None:

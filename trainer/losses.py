@@ -43,6 +43,11 @@ def _fp32(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (float64 checks stay float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _self_mask(self_col: torch.Tensor, n_cols: int) -> torch.Tensor:
     """Bool [rows, n_cols] mask with one True per row (F.one_hot would allocate int64: 8x the memory)."""
     mask = torch.zeros(self_col.shape[0], n_cols, dtype=torch.bool, device=self_col.device)
@@ -73,7 +78,7 @@ def multi_positive_nt_xent(views: list[torch.Tensor], temperature: float = 0.5,
     `detach_right` reproduces RoCL's reference quirk (similarities with a detached right operand).
     """
     with _fp32(views[0].device):
-        return _multi_positive_nt_xent([v.float() for v in views], temperature, gather, detach_right)
+        return _multi_positive_nt_xent([_at_least_fp32(v) for v in views], temperature, gather, detach_right)
 
 
 def _multi_positive_nt_xent(views: list[torch.Tensor], temperature: float, gather: bool,
@@ -109,7 +114,7 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None,
     (Khosla et al.'s code also multiplies by temperature/base_temperature; both are 0.07 here.)
     """
     with _fp32(features.device):
-        return _supcon(features.float(), labels, temperature, gather)
+        return _supcon(_at_least_fp32(features), labels, temperature, gather)
 
 
 def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: float,

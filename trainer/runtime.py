@@ -150,8 +150,8 @@ class CollectiveBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
+        xf = x if x.dtype == torch.float64 else x.float()  # statistics in fp32 at least
+        count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
         mean = xf.mean(dims)
         m2 = (xf - mean.view(1, c, *[1] * (x.dim() - 2))).pow(2).sum(dims)
         packed = torch.stack(all_gather(torch.cat([count, mean, m2])))  # [W, 1 + 2C]

@@ -1,8 +1,8 @@
 """ACL (Jiang et al. 2020): adversarial contrastive learning, variants A2A, A2S and DS.
 
-Attack (all variants): PGD with the one engine maximising NT-Xent (T=0.5) over this rank's
-batch, the network in eval mode (the reference `PGD_contrastive` calls `model.eval()`; flag
-`attack_train_mode`), no gradient gathering across ranks.
+Attack (all variants): PGD with the one engine maximising NT-Xent (T=0.5) over the global
+batch (negatives gathered from every rank, `attack.gather_negatives`), the network in eval mode
+(the reference `PGD_contrastive` calls `model.eval()`; flag `attack_train_mode`).
 
 - A2A: both views perturbed jointly; loss NT-Xent(f(x1'), f(x2')). Single BN.
 - A2S: only the first view of each pair perturbed; loss NT-Xent(f_pgd(x1'), f_normal(x2)). The
@@ -112,13 +112,13 @@ class ACL(Method):
                     z2 = self._project(x2, "normal")  # the clean partner: fixed during the attack
 
                 def objective(xa: torch.Tensor) -> torch.Tensor:
-                    return nt_xent(self._project(xa, "pgd"), z2, t, gather=False)
+                    return nt_xent(self._project(xa, "pgd"), z2, t, gather=self.attack_gather)
 
                 return pgd_attack(x1, objective, self.attack), x2
 
             def joint(xa: torch.Tensor) -> torch.Tensor:
                 z = self._project(xa, "pgd")
-                return nt_xent(z[:b], z[b:], t, gather=False)
+                return nt_xent(z[:b], z[b:], t, gather=self.attack_gather)
 
             x_adv = pgd_attack(torch.cat([x1, x2]), joint, self.attack)
         return x_adv[:b], x_adv[b:]

@@ -45,6 +45,9 @@ class Method:
         self.device = device
         self.attack = PGDConfig(eps=float(cfg["attack"]["eps"]), alpha=float(cfg["attack"]["alpha"]),
                                 steps=int(cfg["attack"]["steps"]), norm=cfg["attack"].get("norm", "linf"))
+        # Contrastive attack objectives: negatives from every rank, so that N workers x B/N craft
+        # the same adversarial examples as 1 worker x B (the references attack the whole batch).
+        self.attack_gather = bool(cfg["attack"].get("gather_negatives", True))
         self.encoder: Encoder = build_encoder(cfg["model"], cfg["data"]["stats"],
                                               with_projector=self.needs_projector,
                                               dual_bn=self.uses_dual_bn).to(device)

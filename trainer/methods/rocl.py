@@ -46,14 +46,14 @@ class RoCL(Method):
                 raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
 
     def make_adversarial(self, x_t: torch.Tensor, x_t2: torch.Tensor) -> torch.Tensor:
-        """t(x)_adv: t(x) perturbed to maximise NT-Xent(t(x)_adv, t'(x)) (eval mode, local batch)."""
+        """t(x)_adv: t(x) perturbed to maximise NT-Xent(t(x)_adv, t'(x)) (eval mode; negatives from every rank)."""
         with self.attack_mode(train=False):
             with torch.no_grad():
                 z_t2 = self.encoder(x_t2, project=True)[1]  # the target: fixed during the attack
 
             def objective(xa: torch.Tensor) -> torch.Tensor:
                 z = self.encoder(xa, project=True)[1]
-                return multi_positive_nt_xent([z, z_t2], self.temperature, gather=False,
+                return multi_positive_nt_xent([z, z_t2], self.temperature, gather=self.attack_gather,
                                               detach_right=self.detach_right)
 
             return pgd_attack(x_t, objective, self.attack)

@@ -48,14 +48,14 @@ class SupCon(Method):
         return batch["label"] if self.use_labels else None
 
     def make_adversarial(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """x' maximising contrastive(x, x') (eval mode, this rank's batch)."""
+        """x' maximising contrastive(x, x') (eval mode; negatives from every rank)."""
         with self.attack_mode(train=False):
             with torch.no_grad():
                 z = self.encoder(x, project=True)[1]
 
             def objective(xa: torch.Tensor) -> torch.Tensor:
                 za = self.encoder(xa, project=True)[1]
-                return supcon(torch.stack([z, za], dim=1), labels, self.temperature, gather=False)
+                return supcon(torch.stack([z, za], dim=1), labels, self.temperature, gather=self.attack_gather)
 
             return pgd_attack(x, objective, self.attack)
 
