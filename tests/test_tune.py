@@ -188,9 +188,6 @@ def sweep(ray_tune, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (issue 7): on the merged main under heavy load the interrupted trial "
-                          "reported epochs [1] instead of [1, 2] after the restore; passed on the tune branch",
-                   strict=False)
 def test_interrupted_sweep_restores_without_repeating(sweep):
     path = sweep["dir"]
     assert sweep["first"]["unfinished"] > 0, "the sweep was not interrupted"

@@ -60,6 +60,30 @@ def _wrap_ddp(cfg: Mapping[str, Any], device: torch.device, world_size: int):
     return wrap
 
 
+def _replay_unseen_reports(stage: Mapping[str, Any], history: list[dict[str, float]], done_epochs: int,
+                           checkpoint: "ray.train.Checkpoint") -> None:
+    """Report again the epochs the consumer of this run's reports has not seen.
+
+    A Tune sweep interrupted while a trial's Train run is between its report and the driver's
+    bookkeeping can restore a trial whose Train checkpoint is ahead of the trial's results (or
+    already final: then nothing would be reported at all). The sweep passes the last epoch it
+    recorded per trial (`stage.reported_epochs`); those after it are replayed from the
+    checkpoint's history, the last one with the checkpoint's path, so every epoch reaches Tune
+    exactly once. Without the key (plain runs, Train-level retries) nothing is replayed.
+    """
+    import ray.train
+
+    seen = stage.get("reported_epochs")
+    if seen is None:
+        return
+    unseen = [r for r in history if int(seen) < int(r.get("epoch", 0)) <= done_epochs]
+    for i, r in enumerate(unseen):
+        metrics = dict(r)
+        if i == len(unseen) - 1:
+            metrics["checkpoint_path"] = checkpoint.path
+        ray.train.report(metrics)
+
+
 def _checkpoint_identity(cfg: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:
     from trainer.recipes import resolve_recipe
 
@@ -102,6 +126,7 @@ def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
     identity = _checkpoint_identity(cfg, stage)
     generators = {"loader": loader.generator}  # the device colour-augmentation stream
     resumed_at: list[int] = []
+    history: list[dict[str, float]] = []  # every epoch's report, kept in the checkpoint (replay below)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -126,9 +151,11 @@ def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
         set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)], generators)
         start_epoch = int(state["epoch"]) + 1
         resumed_at = [int(e) for e in state.get("resumed_at", [])] + [start_epoch]
+        history = [dict(r) for r in state.get("history", [])]
         if ctx.is_main:
             print(f"[{stage['name']}] resumed after epoch {start_epoch} from its checkpoint "
                   f"(written by {int(state.get('world_size', 1))} worker(s); now {ctx.world_size})", flush=True)
+        _replay_unseen_reports(stage, history, start_epoch, ckpt)
 
     knn_every = int(cfg.get("monitor", {}).get("knn_every", 1))
     monitor_split = "val" if "val" in data["splits"] else "test"
@@ -192,10 +219,11 @@ def pretrain_loop(config: dict[str, Any]) -> dict[str, Any]:
             rngs = gathered
         if ctx.is_main:
             extra = {k: m.state_dict() for k, m in method.modules_to_checkpoint().items() if k != "encoder"}
+            history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
             atomic_save({"format": CHECKPOINT_FORMAT, **identity, "epoch": epoch, "loader_epoch": epoch + 1,
                          "world_size": ctx.world_size, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "modules": extra, "rng": rngs,
-                         "resumed_at": resumed_at, "grad_scaler": None},  # bf16/fp32: no scaler
+                         "resumed_at": resumed_at, "history": history, "grad_scaler": None},  # bf16/fp32: no scaler
                         os.path.join(checkpoint_dir, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
         else:

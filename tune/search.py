@@ -340,7 +340,8 @@ def ensure_teacher(cfg: dict[str, Any], where: str, log: Callable[[str], None] =
 
 # --------------------------------------------------------------------------- trials
 
-def _trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+def _trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None,
+              reported: dict[str, int] | None = None) -> None:
     """One trial: base config + sampled params -> one Ray Train pre-training stage, reported to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -355,6 +356,8 @@ def _trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None) -> Non
     stage = next(s for s in plan(cfg) if s.kind == "pretrain" and s.name != "teacher")
     kwargs = {"teacher_path": cfg["teacher"]["checkpoint"]} if stage.method["name"] == "deacl" else {}
     stage_dict = {"name": stage.name, "method": stage.method, "method_kwargs": kwargs}
+    if reported and trial_id in reported:  # restored sweep: replay epochs Tune did not record
+        stage_dict["reported_epochs"] = reported[trial_id]
     run_train_stage(cfg, stage_dict, pretrain_loop, cfg["run_name"], callbacks=[TuneReportCallback()])
 
 
@@ -367,13 +370,7 @@ def _trial_history(trial) -> list[dict[str, Any]]:
             pass
     for root in roots:
         if root and "://" not in str(root) and Path(root, "result.json").exists():
-            rows = []
-            for line in Path(root, "result.json").read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut by an interruption
-            return rows
+            return _trial_history_file(Path(root, "result.json"))
     return []
 
 
@@ -446,7 +443,8 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / SWEEP_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
-    trainable = tune.with_resources(tune.with_parameters(_trial_fn, base=base), {"cpu": 0.01})
+    reported = _reported_epochs(path) if exists else {}
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, base=base, reported=reported), {"cpu": 0.01})
     log(f"[tune] sweep {name}: {t.get('num_samples', 1)} sample(s) over {', '.join(t['space'])}; ASHA on epochs "
         f"(max_t={meta['max_t']}); metric {meta['metric']} ({meta['mode']}); {concurrency} trial(s) at once, each "
         f"{meta['per_trial']}; {'restoring' if exists else 'new'} at {path}")
@@ -474,6 +472,27 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
         log(f"[tune] sweep interrupted with {unfinished} unfinished trial(s); run the same command again "
             "(or add resume=true) to continue it")
     return summary
+
+
+def _reported_epochs(path: str) -> dict[str, int]:
+    """trial id -> the last epoch in its result.json (what Tune recorded before the interruption)."""
+    out: dict[str, int] = {}
+    if "://" in path:
+        return out
+    for result in Path(path).glob("trial_*/result.json"):
+        epochs = [int(r["epoch"]) for r in _trial_history_file(result) if "epoch" in r]
+        out[result.parent.name[len("trial_"):]] = max(epochs, default=0)
+    return out
+
+
+def _trial_history_file(result: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in result.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by an interruption
+    return rows
 
 
 def _has_experiment_state(path: str) -> bool:
