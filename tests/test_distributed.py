@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import socket
 from pathlib import Path

@@ -7,7 +7,6 @@ import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trainer.losses import (deacl_attack_objective, deacl_loss, multi_positive_nt_xent, nt_xent, rocl_loss,
                             supcon, trades_kl)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +24,16 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names key, value and what is allowed."""
+
+
+def split_cli(argv: list[str] | None, doc: str | None) -> tuple[list[str], bool] | None:
+    """Command-line arguments of an entry point: (overrides, whether --cfg was given), or None
+    after printing `doc` for -h/--help."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return None
+    return [a for a in args if a != "--cfg"], "--cfg" in args
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict[str, Any]:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, compose, config_hash
+from trainer.config import ConfigError, compose, config_hash, split_cli
 
 
 def _file_sha256(path: Path) -> str:
@@ -90,12 +90,10 @@ def prepare(args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    cli = split_cli(argv, __doc__)
+    if cli is None:
         return 0
-    show_cfg = "--cfg" in args
-    args = [a for a in args if a != "--cfg"]
+    args, show_cfg = cli
     try:
         cfg, info = prepare(args)
     except ConfigError as e:

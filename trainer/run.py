@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import sys
 
-from trainer.config import ConfigError, compose
+from trainer.config import ConfigError, compose, split_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    show_cfg = "--cfg" in args
-    args = [a for a in args if a != "--cfg"]
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    cli = split_cli(argv, __doc__)
+    if cli is None:
         return 0
+    args, show_cfg = cli
     try:
         cfg = compose(args)
     except ConfigError as e:

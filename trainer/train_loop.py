@@ -61,7 +61,7 @@ def _wrap_ddp(cfg: Mapping[str, Any], device: torch.device, world_size: int):
 
 
 def _replay_unseen_reports(stage: Mapping[str, Any], history: list[dict[str, float]], done_epochs: int,
-                           checkpoint: "ray.train.Checkpoint") -> None:
+                           checkpoint: Any) -> None:
     """Report again the epochs the consumer of this run's reports has not seen.
 
     A Tune sweep interrupted while a trial's Train run is between its report and the driver's

@@ -28,7 +28,8 @@ SWEEP_FILE = "sweep.json"
 
 # --------------------------------------------------------------------------- loading
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a Tune result.json (a line cut by an interruption is skipped)."""
     rows = []
     if not path.exists():
         return rows
@@ -85,7 +86,7 @@ def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
     for d in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "params.json").exists()):
         params = json.loads((d / "params.json").read_text())
         by_epoch: dict[int, dict[str, Any]] = {}
-        for r in _read_jsonl(d / "result.json"):
+        for r in read_jsonl(d / "result.json"):
             if "epoch" in r:
                 by_epoch[int(r["epoch"])] = r
         history = [by_epoch[e] for e in sorted(by_epoch)]

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 from ray.tune.schedulers import ASHAScheduler
 
 from trainer.config import ConfigError, config_hash, validate
+from tune.analyze import read_jsonl
 from tune.ray_env import local_runtime_env
 
 SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "quniform", "randint")
@@ -370,7 +371,7 @@ def _trial_history(trial) -> list[dict[str, Any]]:
             pass
     for root in roots:
         if root and "://" not in str(root) and Path(root, "result.json").exists():
-            return _trial_history_file(Path(root, "result.json"))
+            return read_jsonl(Path(root, "result.json"))
     return []
 
 
@@ -480,19 +481,9 @@ def _reported_epochs(path: str) -> dict[str, int]:
     if "://" in path:
         return out
     for result in Path(path).glob("trial_*/result.json"):
-        epochs = [int(r["epoch"]) for r in _trial_history_file(result) if "epoch" in r]
+        epochs = [int(r["epoch"]) for r in read_jsonl(result) if "epoch" in r]
         out[result.parent.name[len("trial_"):]] = max(epochs, default=0)
     return out
-
-
-def _trial_history_file(result: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in result.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line cut by an interruption
-    return rows
 
 
 def _has_experiment_state(path: str) -> bool:

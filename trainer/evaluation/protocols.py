@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -24,7 +23,6 @@ from torch import nn
 from data_pipeline.loaders import build_loader
 from data_pipeline.write import beton_path
 from trainer.adversarial_training import pgd_at_loss, trades_loss
-from trainer.attacks import network_mode
 from trainer.checkpoint import atomic_save, load_encoder, load_model_file
 from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts, pgd_config
 from trainer.optim import build_optimizer, build_scheduler

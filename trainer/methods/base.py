@@ -11,6 +11,7 @@ mode for the attack plus, with `freeze_params_in_attack`, no parameter autograd 
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
@@ -32,7 +33,7 @@ def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
     return deco
 
 
-class Method:
+class Method(abc.ABC):
     name: ClassVar[str] = "base"
     views: ClassVar[str] = "two_view"
     uses_dual_bn: ClassVar[bool] = False
@@ -92,9 +93,9 @@ class Method:
     def train(self) -> None:
         self.encoder.train()
 
+    @abc.abstractmethod
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (loss to backpropagate, metrics as detached 0-d tensors — no host syncs)."""
-        raise NotImplementedError
 
     def export_encoder(self) -> Encoder:
         """The single-BN encoder that evaluation and fine-tuning use."""

@@ -1,0 +1,328 @@
+"""The empirical study as one recipe: training schemes x robustness scenarios on one Tune grid.
+
+    python -m tune.study                                   # SL / CL / SCL on digits (conf/study/default.yaml)
+    python -m tune.study data=cifar10 model=resnet18 study.overrides=[method.train.epochs=200]
+    python -m tune.study study.run=[CL,SCL] analysis.n_examples=256 --cfg   # print the plan only
+
+Schemes (after Ghofrani et al.): SL (cross-entropy; adversarially: PGD-AT), CL (SimCLR's instance
+positives through the SupCon code path; adversarially: its adversarial pre-training) and SCL
+(SupCon; adversarial SupCon). Every scheme is pre-trained standard and adversarially -- the Tune
+grid is schemes x {standard, adversarial}, each trial one `recipe=pretrain` run (Ray Train
+pre-training, then SLF and ALF evaluation, both under Ray Train) -- and the two linear heads of
+each encoder give the four scenarios:
+
+    ST          standard encoder,    standard head (SLF)
+    AT          adversarial encoder, standard head (SLF)
+    partial-AT  standard encoder,    adversarial head (ALF)
+    full-AT     adversarial encoder, adversarial head (ALF)
+
+The study then writes `study_table.{csv,json,md}` (SA / RA per scheme and scenario, printed too),
+`study_scenarios.png`, and per scheme the representation analysis of its adversarial vs its
+standard encoder (`cka/<scheme>/`: layer-by-layer CKA heatmaps, clean-vs-adversarial CKA, cross-model
+CKA, layer probes) plus `cka_clean_vs_adv.png` (every encoder's same-layer clean-vs-adversarial
+CKA in one plot). Running the same command again reuses every finished trial (each trial's run
+folder is named by its config hash) and restores an interrupted Tune grid.
+
+Overrides: `study.*` configure the study, `analysis.*` the CKA analysis, everything else applies
+to every trial (data=, model=, eval.*, cluster=, attack.*, ...); the method group is the study's.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from trainer.config import METHODS, ConfigError, compose, split_cli
+
+SCENARIOS: dict[str, tuple[str, str]] = {  # scenario -> (pre-training, evaluation protocol)
+    "ST": ("standard", "slf"),
+    "AT": ("adversarial", "slf"),
+    "partial-AT": ("standard", "alf"),
+    "full-AT": ("adversarial", "alf"),
+}
+PRETRAININGS = ("standard", "adversarial")
+STUDY_FILE = "study.json"
+
+
+def _value(v: Any) -> str:
+    """A Python value as a Hydra override value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(study.* overrides, analysis.* overrides, the rest: every trial's)."""
+    study, analysis, trial = [], [], []
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key == "method" or key.startswith("method@"):
+            raise ConfigError(f"{o!r} is invalid here: the study chooses each trial's method "
+                              "(study.schemes); use method.<key>=... or study.overrides for budgets")
+        (study if key.startswith("study.") else analysis if key.startswith("analysis.") else trial).append(o)
+    return study, analysis, trial
+
+
+def compose_study(overrides: list[str]) -> dict[str, Any]:
+    """Validate everything before Ray starts: the study block and every trial's full config."""
+    study_ov, analysis_ov, trial_ov = split_overrides(list(overrides))
+    base = compose(["+study=default", *trial_ov, *study_ov])
+    s = base.pop("study")
+    schemes = s.get("schemes") or {}
+    run = list(s.get("run") or [])
+    if not run:
+        raise ConfigError(f"study.run={run!r} is invalid: allowed: a non-empty list of {', '.join(schemes)}")
+    for name in run:
+        if name not in schemes:
+            raise ConfigError(f"study.run contains {name!r}: allowed: {', '.join(schemes)}")
+        sch = schemes[name]
+        if sch.get("method") not in METHODS:
+            raise ConfigError(f"study.schemes.{name}.method={sch.get('method')!r} is invalid: "
+                              f"allowed: {', '.join(METHODS)}")
+        for kind in PRETRAININGS:
+            if not isinstance(sch.get(kind), Mapping):
+                raise ConfigError(f"study.schemes.{name}.{kind}={sch.get(kind)!r} is invalid: "
+                                  "allowed: a mapping of method keys")
+    extra = [str(o) for o in (s.get("overrides") or [])]
+    key = json.dumps({"schemes": {n: schemes[n] for n in run}, "trial_overrides": trial_ov, "extra": extra},
+                     sort_keys=True)
+    name = s.get("name") or f"study-{base['data']['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    study_dir = Path(base["output_dir"]) / name
+    shared = [f"output_dir={study_dir / 'runs'}", f"data.beton_dir={base['data']['beton_dir']}",
+              f"cluster.storage_path={study_dir / 'ray_results'}"]
+    trials: dict[str, dict[str, Any]] = {}
+    for scheme in run:
+        sch = schemes[scheme]
+        for kind in PRETRAININGS:
+            method_ov = [f"method.{k}={_value(v)}" for k, v in sch[kind].items()]
+            ov = [f"method={sch['method']}", *method_ov, "recipe=pretrain", "eval.protocols=[slf,alf]",
+                  "tune=none", *trial_ov, *extra, *shared]
+            try:
+                cfg = compose(ov)
+            except ConfigError as e:
+                raise ConfigError(f"study trial {scheme}-{kind}: {e}") from e
+            trials[f"{scheme}-{kind}"] = cfg
+    analysis_cfg = compose(["+analysis=default", *trial_ov, *analysis_ov, *shared])
+    return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run},
+            "trials": trials, "analysis_cfg": analysis_cfg, "cka": bool(s.get("cka", True)),
+            "max_concurrent_trials": s.get("max_concurrent_trials"), "base": base,
+            "overrides": list(overrides)}
+
+
+def _trial_fn(params: dict[str, Any], trials: dict[str, dict[str, Any]] | None = None) -> None:
+    """One trial: pre-train + SLF/ALF evaluation through the recipe runner; one Tune report."""
+    from ray import tune
+
+    from trainer.recipes import run_recipe
+
+    key = params["trial"]
+    cfg = trials[key]
+    results = run_recipe(cfg)
+    metrics = next(iter(results["evaluations"].values()), {})
+    tune.report({"trial": key, "run_dir": results["run_dir"],
+                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+
+def run_study(study: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or restore) the grid, then write the comparison table and the CKA figures."""
+    import ray
+    from ray import tune
+
+    from data_pipeline.write import ensure_betons
+    from trainer.recipes import run_dir, use_gpu
+    from tune.search import init_ray_for_sweep, max_concurrent, per_trial_resources
+
+    out = Path(study["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(study["trials"].values()))
+    ensure_betons(first["data"], list(first["data"]["splits"]), log=log)
+    init_ray_for_sweep(first)
+    gpu = use_gpu(first)
+    limit = study["max_concurrent_trials"] or max_concurrent(first, ray.cluster_resources(), gpu)
+    (out / STUDY_FILE).write_text(json.dumps(
+        {"name": study["name"], "run": study["run"], "schemes": study["schemes"], "overrides": study["overrides"],
+         "trials": {k: {"run_dir": str(run_dir(c)), "method": c["method"]} for k, c in study["trials"].items()}},
+        indent=2, default=str))
+    log(f"[study] {len(study['trials'])} trials ({', '.join(study['trials'])}), {limit} at once, each "
+        f"{per_trial_resources(first, gpu)}; folder {out}")
+    t0 = time.time()
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, trials=study["trials"]), {"cpu": 0.01})
+    tune_path = str(out / "tune")
+    if tune.Tuner.can_restore(tune_path):
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"trial": tune.grid_search(list(study["trials"]))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=int(limit), reuse_actors=False,
+                                        trial_name_creator=lambda t: f"trial_{t.config['trial']}",
+                                        trial_dirname_creator=lambda t: f"trial_{t.config['trial']}"),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1))
+    grid = tuner.fit()
+    if grid.num_errors:
+        failed = [r.config.get("trial") for r in grid if r.error]
+        raise RuntimeError(f"study trials failed: {failed}; run the same command again to retry them "
+                           f"(finished stages are reused). Logs: {tune_path}")
+    log(f"[study] grid done in {time.time() - t0:.0f}s")
+    rows = study_rows(study)
+    write_table(out, rows, study)
+    figures = [str(plot_scenarios(out, rows))]
+    if study["cka"]:
+        figures += run_cka(study, out, log)
+    summary = {"dir": str(out), "rows": rows, "figures": figures, "seconds": time.time() - t0}
+    (out / "study_results.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _evaluation(cfg: Mapping[str, Any]) -> dict[str, float]:
+    from trainer.recipes import run_dir
+
+    res = json.loads((run_dir(dict(cfg)) / "results.json").read_text())
+    return next(iter(res["evaluations"].values()))
+
+
+def study_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (scheme, scenario): SA / RA (PGD) / AA in percent, read from each trial's results."""
+    rows = []
+    for scheme in study["run"]:
+        for scenario, (kind, protocol) in SCENARIOS.items():
+            m = _evaluation(study["trials"][f"{scheme}-{kind}"])
+            rows.append({"scheme": scheme, "scenario": scenario, "pretraining": kind, "protocol": protocol.upper(),
+                         "SA": 100 * m[f"{protocol}_sa"], "RA_PGD": 100 * m[f"{protocol}_ra"],
+                         "AA": 100 * m[f"{protocol}_aa"] if f"{protocol}_aa" in m else None})
+    return rows
+
+
+def format_study_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
+    scen = list(SCENARIOS)
+    head = f"{'scheme':<8}" + "".join(f"{s:^17}|" for s in scen)
+    sub = f"{'':<8}" + "".join(f"{'SA':>8}{'RA':>8} |" for _ in scen)
+    lines = [head, sub, "-" * len(sub)]
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        cells = {r["scenario"]: r for r in rows if r["scheme"] == scheme}
+        lines.append(f"{scheme:<8}" + "".join(f"{cells[s]['SA']:8.2f}{cells[s]['RA_PGD']:8.2f} |" for s in scen))
+    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy, in %. ST: standard encoder + SLF head; "
+                 "AT: adversarial encoder + SLF; partial-AT: standard encoder + ALF (adversarial head); "
+                 "full-AT: adversarial encoder + ALF.")
+    return "\n".join(lines)
+
+
+def write_table(out: Path, rows: list[dict[str, Any]], study: Mapping[str, Any]) -> None:
+    steps = int(next(iter(study["trials"].values()))["eval"]["pgd"]["steps"])
+    table = format_study_table(rows, steps)
+    print(table, flush=True)
+    (out / "study_table.md").write_text("```\n" + table + "\n```\n")
+    (out / "study_table.json").write_text(json.dumps(rows, indent=2))
+    with open(out / "study_table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["scheme", "scenario", "pretraining", "protocol", "SA", "RA_PGD", "AA"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_scenarios(out: Path, rows: list[dict[str, Any]]) -> Path:
+    """Grouped bars: per scheme, SA (light) and RA (dark) of the four scenarios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    scen = list(SCENARIOS)
+    fig, ax = plt.subplots(figsize=(2.6 * len(schemes) + 2, 4.2))
+    width = 0.8 / len(scen)
+    colours = plt.get_cmap("tab10")
+    x = np.arange(len(schemes))
+    for i, s in enumerate(scen):
+        sa = [next(r["SA"] for r in rows if r["scheme"] == sc and r["scenario"] == s) for sc in schemes]
+        ra = [next(r["RA_PGD"] for r in rows if r["scheme"] == sc and r["scenario"] == s) for sc in schemes]
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, sa, width * 0.95, color=colours(i), alpha=0.35)
+        ax.bar(pos, ra, width * 0.95, color=colours(i), label=s)
+    ax.set_xticks(x, schemes)
+    ax.set_ylabel("accuracy (%)  [light: clean SA, dark: PGD RA]")
+    ax.set_ylim(0, 100)
+    ax.set_title("Training schemes x robustness scenarios")
+    ax.legend(ncol=len(scen), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    path = out / "study_scenarios.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_cka(study: Mapping[str, Any], out: Path, log: Callable[[str], None] = print) -> list[str]:
+    """Per scheme: analysis of the adversarial encoder (A) against the standard one (B), each
+    attacked through its own SLF head; then every encoder's clean-vs-adversarial CKA in one plot."""
+    from trainer.analyze_representations import run_analysis
+    from trainer.recipes import run_dir
+
+    figures, same_layer = [], {}
+    for scheme in study["run"]:
+        paths = {}
+        for kind in PRETRAININGS:
+            d = run_dir(dict(study["trials"][f"{scheme}-{kind}"]))
+            paths[kind] = (str(d / "train" / "model.pt"), str(d / "evaluate" / "classifier_slf.pt"))
+        res = run_analysis(study["analysis_cfg"], paths["adversarial"][0], paths["standard"][0],
+                           paths["adversarial"][1], paths["standard"][1], out=str(out / "cka" / scheme), log=log)
+        figures += res["figures"]
+        for tag, kind in (("a", "adversarial"), ("b", "standard")):
+            m = res["models"][tag]
+            same_layer[f"{scheme}-{kind}"] = (m["layers"], m["cka_same_layer_clean_vs_adv"])
+    figures.append(str(plot_same_layer(out, same_layer)))
+    return figures
+
+
+def plot_same_layer(out: Path, curves: Mapping[str, tuple[list[str], list[float]]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (name, (layers, values)) in enumerate(curves.items()):
+        ax.plot(range(len(values)), values, marker="o", color=plt.get_cmap("tab10")(i // 2),
+                linestyle="-" if name.endswith("adversarial") else "--", label=name)
+    layers = next(iter(curves.values()))[0]
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("linear CKA(clean, adversarial)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Same-layer CKA between clean and PGD inputs (solid: adversarial pre-training)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = out / "cka_clean_vs_adv.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = split_cli(argv, __doc__)
+    if cli is None:
+        return 0
+    args, show = cli
+    try:
+        study = compose_study(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if show:
+        plan = {"dir": study["dir"], "trials": {k: {"method": c["method"]["name"],
+                                                    **{m: c["method"].get(m) for m in ("loss", "use_labels", "adversarial")},
+                                                    "run_name": c["run_name"]} for k, c in study["trials"].items()},
+                "scenarios": {k: {"pretraining": v[0], "protocol": v[1]} for k, v in SCENARIOS.items()}}
+        print(json.dumps(plan, indent=2, default=str))
+        return 0
+    summary = run_study(copy.deepcopy(study))
+    print(f"[study] table: {summary['dir']}/study_table.csv; figures:\n  " + "\n  ".join(summary["figures"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
