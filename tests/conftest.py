@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo root on sys.path, tiny configs, a Ray instance per session."""
+"""Shared fixtures: the repo root on sys.path, tiny configs, a Ray instance per test module."""
 from __future__ import annotations
 
 import os
@@ -41,13 +41,17 @@ def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A fresh in-process Ray per test module. One long-lived driver across the whole suite was
+    seen to stop receiving actor-state updates from the GCS (a Train controller stayed
+    PENDING_CREATION on the driver while the GCS had it ALIVE), hanging the next `fit()`."""
     import ray
 
-    if not ray.is_initialized():
-        from tune.ray_env import local_runtime_env
+    from tune.ray_env import local_runtime_env
 
-        ray.init(address="local", num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
     yield ray
     ray.shutdown()

@@ -67,7 +67,7 @@ def test_step_throughput_script_runs(tmp_path):
 def test_pipeline_efficiency_script_runs(tmp_path):
     out = tmp_path / "pipe.json"
     stdout = _run(["benchmarks/pipeline_efficiency.py", "--width", "4", "--batch", "128", "--epochs", "2",
-                   "--warmup-epochs", "1", "--attack-steps", "1", "--bare-steps", "1", "--threads", "1",
+                   "--warmup-epochs", "1", "--attack-steps", "1", "--bare-steps", "1", "--threads", "1", "--knn-every", "1",
                    "--output-dir", str(tmp_path / "run"), "--json", str(out),
                    "model.proj_hidden_dim=32", "model.proj_output_dim=16"], timeout=900)
     res = json.loads(out.read_text())

@@ -93,30 +93,12 @@ def test_linear_probe_objective_and_pareto():
 
 # --------------------------------------------------------------------------- one real sweep
 
-@pytest.fixture(scope="module")
-def ray_tune():
-    """Ray with the address-pinning setup hook (Train's placement-group cleaner needs it when
-    several Ray instances share the host); puts the session's plain Ray back afterwards."""
-    import ray
-
-    from tune.ray_env import local_runtime_env
-
-    had = ray.is_initialized()
-    if had:
-        ray.shutdown()
-    ray.init(num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
-    yield ray
-    ray.shutdown()
-    if had:
-        ray.init(num_cpus=3, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-
-
 def _history(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_tune, tmp_path_factory):
+def sweep(ray_local, tmp_path_factory):
     """6 DeACL trials x <= 2 epochs; interrupted after 2 trials finished, then restored."""
     from ray.tune import Callback
 
