@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     tv = _torchvision_loader(images, labels, args.batch, args.threads, args.resolution)
     torch.set_num_threads(args.threads)
 
-    print(f"warm-up (numba compilation, worker start-up) ...", flush=True)
+    print("warm-up (numba compilation, worker start-up) ...", flush=True)
     t0 = time.perf_counter()
     _epoch(ffcv, "ffcv")
     w_ffcv = time.perf_counter() - t0

@@ -172,7 +172,8 @@ def analyse_model(encoder, classifier, data: Mapping[str, torch.Tensor], acfg: M
 
 def run_analysis(cfg: Mapping[str, Any], checkpoint: str, checkpoint_b: str | None = None,
                  classifier: str | None = None, classifier_b: str | None = None,
-                 out: str | None = None, log=print) -> dict[str, Any]:
+                 out: str | None = None, log=print, labels: tuple[str, str] | None = None) -> dict[str, Any]:
+    """`labels`: names for models a and b in the figures and JSON (default: from the checkpoints)."""
     from trainer.evaluation.cka import cka_matrix
 
     acfg, data_cfg = cfg["analysis"], cfg["data"]
@@ -182,6 +183,8 @@ def run_analysis(cfg: Mapping[str, Any], checkpoint: str, checkpoint_b: str | No
     loaded = {}
     for tag, ck, clf in models:
         enc, c, label, stats = load_model(ck, clf, device)
+        if labels:
+            label = labels[0 if tag == "a" else 1]
         if stats and stats != data_cfg["stats"]:
             log(f"[analysis] warning: {ck} normalises with '{stats}' statistics but data is "
                 f"'{data_cfg['name']}' (data.stats={data_cfg['stats']}): pass data=... to match")

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from trainer.checkpoint import MODEL_FILE
 from trainer.config import ConfigError, config_hash
+from tune.ray_env import WORKER_ENV, local_runtime_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
@@ -63,11 +64,6 @@ def plan(cfg: dict[str, Any]) -> list[Stage]:
 
 def run_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["output_dir"]) / cfg["run_name"]
-
-
-# Worker environment: Ray Train V2 patches print() into its logger *and* Ray forwards stdout,
-# which doubles every progress line; one copy is enough.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def inside_ray_job() -> bool:
@@ -112,11 +108,7 @@ def init_ray(cfg: dict[str, Any]) -> None:
     # address="local": always a fresh instance, never someone else's cluster on this machine.
     # The setup hook pins RAY_ADDRESS in every worker, so Train's placement-group cleaner talks to
     # this instance even when other Ray instances run on the same host (tune/ray_env.py).
-    from tune.ray_env import local_runtime_env
-
-    runtime_env = local_runtime_env()
-    runtime_env["env_vars"].update(WORKER_ENV)
-    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True, runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True, runtime_env=local_runtime_env())
 
 
 def use_gpu(cfg: dict[str, Any]) -> bool:

@@ -14,6 +14,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETUP_HOOK = "tune.ray_env.pin_ray_address"
+# Ray Train V2's print patch re-emits every worker print through the logger: each line twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def pin_ray_address() -> None:
@@ -25,4 +27,4 @@ def pin_ray_address() -> None:
 
 def local_runtime_env() -> dict[str, Any]:
     """runtime_env for a Ray started in-process: the repo importable, the address pinned."""
-    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}, "worker_process_setup_hook": SETUP_HOOK}
+    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), **WORKER_ENV}, "worker_process_setup_hook": SETUP_HOOK}

@@ -270,7 +270,8 @@ def run_cka(study: Mapping[str, Any], out: Path, log: Callable[[str], None] = pr
             d = run_dir(dict(study["trials"][f"{scheme}-{kind}"]))
             paths[kind] = (str(d / "train" / "model.pt"), str(d / "evaluate" / "classifier_slf.pt"))
         res = run_analysis(study["analysis_cfg"], paths["adversarial"][0], paths["standard"][0],
-                           paths["adversarial"][1], paths["standard"][1], out=str(out / "cka" / scheme), log=log)
+                           paths["adversarial"][1], paths["standard"][1], out=str(out / "cka" / scheme), log=log,
+                           labels=(f"{scheme}-adversarial", f"{scheme}-standard"))
         figures += res["figures"]
         for tag, kind in (("a", "adversarial"), ("b", "standard")):
             m = res["models"][tag]
