@@ -76,3 +76,32 @@ def test_pipeline_efficiency_script_runs(tmp_path):
     assert res["median"]["efficiency_wall"] > 0 and res["median"]["efficiency_cpu"] > 0
     assert res["raw"][0]["knn"] and res["raw"][0]["knn_s"] > 0 and res["raw"][0]["checkpoint_write_s"] > 0
     assert "median: efficiency wall" in stdout
+
+
+def _fake_full_budget_sweep(root, curves: dict[str, list[float]]) -> None:
+    """A finished FIFO sweep folder in Tune's layout: sweep.json + trial_<id>/{params,result}.json."""
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({"metric": "objective", "mode": "max", "max_t": 4, "space": {}}))
+    for tid, curve in curves.items():
+        d = root / f"trial_{tid}"
+        d.mkdir()
+        (d / "params.json").write_text("{}")
+        (d / "result.json").write_text("".join(
+            json.dumps({"trial_id": tid, "epoch": e + 1, "objective": m}) + "\n" for e, m in enumerate(curve)))
+
+
+def test_asha_vs_grid_replay_follows_ashas_rule(tmp_path):
+    # In trial-id order with rungs 1 and 2 (rf 2): a continues (first at each rung); b is below a at
+    # rung 1 (cut-off = median of [0.5, 0.3] = 0.4) -> stops after 1 epoch; c is above the median at
+    # both rungs -> full budget; d is below the rung-1 median of [0.5, 0.3, 0.6, 0.2] -> stops at 1.
+    _fake_full_budget_sweep(tmp_path / "sw", {"a": [0.5, 0.6, 0.7, 0.8], "b": [0.3, 0.9, 0.95, 0.99],
+                                              "c": [0.6, 0.7, 0.8, 0.85], "d": [0.2, 0.3, 0.4, 0.5]})
+    out = tmp_path / "res.json"
+    stdout = _run(["benchmarks/asha_vs_grid.py", "--simulate", str(tmp_path / "sw"), "--json", str(out)], timeout=120)
+    res = json.loads(out.read_text())
+    assert res["grid"] == {"trials": 4, "trial_epochs": 16, "full_budget_trials": 4, "best": 0.99}
+    assert res["asha"]["rungs"] == [1, 2]
+    assert res["asha"]["trial_epochs"] == 4 + 1 + 4 + 1 and res["asha"]["full_budget_trials"] == 2
+    assert res["asha"]["best"] == 0.85  # the late bloomer b is what ASHA gives up
+    assert res["ratio_trial_epochs"] == 10 / 16
+    assert "ratio ASHA/grid: trial-epochs 0.62x" in stdout
