@@ -30,13 +30,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def best_of(values: list[float], mode: str) -> float | None:
+    """The best of the values under the sweep's mode (max or min); None when there are none."""
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
 def summarize(sweep: dict[str, Any]) -> dict[str, Any]:
     """Trial-epochs spent and the best full-budget metric of a loaded sweep (tune.analyze.load_sweep)."""
-    sign = 1.0 if sweep["mode"] == "max" else -1.0
     full = [t["metric"] for t in sweep["trials"]
             if t["full_budget"] and isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"])]
     return {"trials": len(sweep["trials"]), "trial_epochs": sum(t["epochs"] for t in sweep["trials"]),
-            "full_budget_trials": len(full), "best": (sign * max(sign * m for m in full)) if full else None}
+            "full_budget_trials": len(full), "best": best_of(full, sweep["mode"])}
 
 
 def asha_cutoff(recorded: list[float], reduction_factor: float, mode: str) -> float:
@@ -49,11 +55,12 @@ def asha_cutoff(recorded: list[float], reduction_factor: float, mode: str) -> fl
 
 def simulate_asha(sweep: dict[str, Any], grace_period: int, reduction_factor: float) -> dict[str, Any]:
     """Replay ASHA (one bracket) on the per-epoch histories of a full-budget sweep."""
+    from tune.analyze import asha_rungs
+
     max_t, mode, metric = sweep["max_t"], sweep["mode"], sweep["metric"]
-    rungs, r = [], grace_period
-    while r < max_t:
-        rungs.append(r)
-        r = int(r * reduction_factor)
+    scheduler = {"name": "asha", "grace_period": grace_period, "reduction_factor": reduction_factor}
+    # The rung at max_t stops nothing: a trial that reaches it has finished anyway.
+    rungs = [int(r) for r in asha_rungs({"tune": {"scheduler": scheduler}}, max_t) if r < max_t]
     recorded: dict[int, list[float]] = {r: [] for r in rungs}
     spent, finals = 0, []
     for t in sorted(sweep["trials"], key=lambda t: t["trial_id"]):
@@ -71,9 +78,8 @@ def simulate_asha(sweep: dict[str, Any], grace_period: int, reduction_factor: fl
         spent += ran
         if ran >= max_t and by_epoch.get(max_t) is not None:
             finals.append(by_epoch[max_t])
-    sign = 1.0 if mode == "max" else -1.0
     return {"trials": len(sweep["trials"]), "trial_epochs": spent, "full_budget_trials": len(finals),
-            "best": (sign * max(sign * m for m in finals)) if finals else None, "rungs": rungs}
+            "best": best_of(finals, mode), "rungs": rungs}
 
 
 def report(asha: dict[str, Any], grid: dict[str, Any], metric: str) -> dict[str, Any]:
