@@ -18,15 +18,20 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline import PipelineSpec
-from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from data_pipeline import keep_torch_threads
 from data_pipeline.augment import ColorAugConfig, color_augment
 from data_pipeline.write import verify_beton
+
+with keep_torch_threads():  # importing ffcv sets torch to one thread
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import (RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor,
+                                 ToTorchImage)
 
 VIEW_KINDS = ("two_view", "three_view", "weak", "eval")
 
@@ -47,6 +52,17 @@ class _GuardedEpochIterator(EpochIterator):
                 self.output_queue.put_nowait(_DONE)
             except queue.Full:
                 pass
+
+    def run_pipeline(self, *args: Any) -> Any:  # runs in FFCV's thread
+        # FFCV's ToTensor/ToDevice copy batches with torch ops in this thread, and its
+        # Compiler.set_num_threads(n) (run first in this thread) gives it n torch threads: a
+        # second OpenMP team whose idle threads spin-wait after every batch, beside the training
+        # step's team. On a 2-core CPU worker that cost 11% of the step's speed (pipeline
+        # efficiency 0.88 -> 0.99, docs/performance.md). The copies are tiny: one thread here;
+        # numba keeps its n threads for decoding, the training thread keeps its own count.
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        return super().run_pipeline(*args)
 
     def __next__(self):
         while True:
@@ -71,12 +87,16 @@ class _GuardedEpochIterator(EpochIterator):
 
 
 class GuardedLoader(Loader):
-    """FFCV Loader whose pipeline errors surface in the consumer within a second."""
+    """FFCV Loader whose pipeline errors surface in the consumer within a second, and which
+    leaves the consumer's torch thread count alone (FFCV's sets it to the loader's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with keep_torch_threads():
+            super().__init__(*args, **kwargs)
 
     def __iter__(self) -> _GuardedEpochIterator:
-        from ffcv.pipeline.compiler import Compiler
-
-        Compiler.set_num_threads(self.num_workers)
+        with keep_torch_threads():
+            Compiler.set_num_threads(self.num_workers)  # numba's pool: FFCV's decoding threads
         order = self.next_traversal_order()
         selected = order[: len(self) * self.batch_size]
         self.next_epoch += 1
@@ -176,15 +196,10 @@ class ViewLoader:
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     """Run a block with `n` torch intra-op threads (None: unchanged), then restore."""
-    if n is None or n == torch.get_num_threads():
+    with keep_torch_threads():
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def default_num_threads() -> int:

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from data_pipeline import keep_torch_threads
 from data_pipeline.sources import ImageSource, load_source
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -103,7 +104,8 @@ def check_structure(path: str | os.PathLike) -> dict[str, int]:
 
     Catches truncation and foreign files without a manifest and without reading the data.
     """
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+    with keep_torch_threads():  # the first ffcv import sets torch to one thread
+        from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
     path = Path(path)
     size = path.stat().st_size
@@ -185,8 +187,9 @@ def _safe_writer_class():
     """
     from multiprocessing import Process, Queue, Value
 
-    from ffcv.memory_allocator import MemoryAllocator
-    from ffcv.writer import DatasetWriter
+    with keep_torch_threads():
+        from ffcv.memory_allocator import MemoryAllocator
+        from ffcv.writer import DatasetWriter
 
     class SafeDatasetWriter(DatasetWriter):
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
@@ -248,7 +251,8 @@ def write_beton(source: ImageSource, path: str | os.PathLike, mode: str = "raw",
     `settings` (see `content_settings`) are stored in the manifest and must match for reuse.
     Returns the manifest; `manifest["reused"]` says whether the existing file was kept.
     """
-    from ffcv.fields import IntField, RGBImageField
+    with keep_torch_threads():
+        from ffcv.fields import IntField, RGBImageField
 
     if mode not in ("raw", "jpg", "smart"):
         raise ValueError(f"beton mode must be raw, jpg or smart, got {mode!r}")
@@ -308,7 +312,8 @@ def write_beton(source: ImageSource, path: str | os.PathLike, mode: str = "raw",
 def _page_size(source: ImageSource, max_res: int) -> int:
     """FFCV's page size: a sample must fit in one page. 2 MiB (FFCV's minimum) unless the largest
     possible raw image needs more (pages are the unit of waste at the end of each worker)."""
-    from ffcv.writer import MIN_PAGE_SIZE
+    with keep_torch_threads():
+        from ffcv.writer import MIN_PAGE_SIZE
 
     biggest = 3 * max_res * max_res * 2 + 4096  # raw RGB at the stored size, x2 for non-square/JPEG slack
     size = MIN_PAGE_SIZE
@@ -323,7 +328,8 @@ def _quiet_tqdm() -> Iterator[None]:
     if sys.stderr.isatty():
         yield
         return
-    import ffcv.writer as fw
+    with keep_torch_threads():
+        import ffcv.writer as fw
 
     real = fw.tqdm
 
@@ -371,7 +377,8 @@ def read_beton_raw(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarra
 
     For checks and tests: verifies what is stored, independent of loaders and their compilation.
     """
-    from ffcv.reader import Reader
+    with keep_torch_threads():
+        from ffcv.reader import Reader
 
     reader = Reader(str(path))
     meta = reader.metadata

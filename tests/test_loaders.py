@@ -239,6 +239,67 @@ def test_pipeline_exception_surfaces_in_consumer(id_beton):
     assert result["t"] - raised_at[0] < 5.0  # surfaces within seconds
 
 
+class _ThreadProbe:
+    """An FFCV operation (Python, not jitted) that records torch's thread count in FFCV's thread."""
+
+    def __new__(cls, seen: list):
+        from ffcv.pipeline.operation import Operation
+
+        class Probe(Operation):
+            def generate_code(self):
+                def probe(images, _dst):
+                    seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+                    return images
+                return probe
+
+            def declare_state_and_memory(self, previous_state):
+                return dc_replace(previous_state, jit_mode=False), None
+
+        return Probe()
+
+
+def test_loader_leaves_the_training_thread_count_and_copies_single_threaded(id_beton):
+    """FFCV sets torch's threads to the loader's in the consumer (build, every epoch) and gives its
+    own pipeline thread as many: a second OpenMP team spinning beside the training step's (11% of
+    the step on 2 cores). The consumer keeps its count; the pipeline thread runs torch on one."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.transforms import ToTensor
+
+    from data_pipeline.loaders import GuardedLoader, build_loader
+
+    path, _ = id_beton
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # neither FFCV's import-time 1 nor the loaders' 2 below
+        seen: list = []
+        loader = GuardedLoader(str(path), batch_size=20, num_workers=2,
+                               pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _ThreadProbe(seen)],
+                                          "label": [IntDecoder(), ToTensor()]})
+        assert torch.get_num_threads() == 3
+        for _ in range(2):
+            assert sum(1 for _ in loader) == N // 20
+            assert torch.get_num_threads() == 3
+        assert seen == [(False, 1)] * (2 * N // 20)  # every batch, in FFCV's thread, one torch thread
+        for _ in build_loader(str(path), "weak", batch_size=20, num_threads=2):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_importing_ffcv_through_data_pipeline_keeps_torch_threads(id_beton):
+    """ffcv's import runs Compiler.set_num_threads(1), which also made torch single-threaded."""
+    path, _ = id_beton
+    code = ("import torch; torch.set_num_threads(2)\n"
+            "from data_pipeline.write import check_structure; check_structure(%r)\n"
+            "import data_pipeline.loaders\n"
+            "import ffcv.pipeline.compiler  # already imported: a no-op\n"
+            "print(torch.get_num_threads())" % str(path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "2"
+
+
 def test_threads_follow_ray_cpu_allocation(ray_local):
     import ray
 
