@@ -74,6 +74,7 @@ def test_pipeline_efficiency_script_runs(tmp_path):
     assert [e["epoch"] for e in res["raw"]] == [1, 2]
     assert [e["epoch"] for e in res["epochs"]] == [2]  # the warm-up epoch is excluded
     assert res["median"]["efficiency_wall"] > 0 and res["median"]["efficiency_cpu"] > 0
+    assert res["overall_efficiency_wall"] == pytest.approx(res["epochs"][0]["efficiency_wall"])  # one kept epoch
     assert res["raw"][0]["knn"] and res["raw"][0]["knn_s"] > 0 and res["raw"][0]["checkpoint_write_s"] > 0
     assert "median: efficiency wall" in stdout
 

@@ -371,13 +371,13 @@ def _linear_eval(encoder, digits) -> tuple[float, float]:
     frozen encoder's clean train features, then clean and PGD-10 (CE, 8/255) accuracy on test."""
     from trainer.adversarial_training import ce_objective
     from trainer.attacks import PGDConfig, pgd_attack
-    from trainer.evaluation.monitor import ProbedEncoder, fit_linear_probe
+    from trainer.evaluation.probes import ProbedClassifier, fit_linear_probe
 
     (xtr, ytr), (xte, yte) = digits
     encoder.eval()
     with torch.no_grad():
         ftr = torch.cat([encoder(x) for x in xtr.split(512)])
-    model = ProbedEncoder(encoder, fit_linear_probe(ftr, ytr, 10, steps=100)).eval()
+    model = ProbedClassifier(encoder, fit_linear_probe(ftr, ytr, 10, max_iter=100)).eval()
     torch.manual_seed(0)
     x_adv = pgd_attack(xte, ce_objective(model, yte), PGDConfig(**EVAL_ATTACK))
     with torch.no_grad():

@@ -77,14 +77,15 @@ def test_concurrency_from_cluster_size(tmp_path):
 
 def test_linear_probe_objective_and_pareto():
     from tune.analyze import pareto_front
-    from trainer.evaluation.monitor import fit_linear_probe, objective_value
+    from trainer.evaluation.monitor import objective_value
+    from trainer.evaluation.probes import fit_linear_probe
 
     torch.set_num_threads(1)  # tiny problem: threads only contend on a loaded machine
     g = torch.Generator().manual_seed(0)
     centers = 4 * torch.randn(5, 16, generator=g)
     y = torch.arange(500) % 5
     x = centers[y] + torch.randn(500, 16, generator=g)
-    probe = fit_linear_probe(x, y, 5, steps=50)
+    probe = fit_linear_probe(x, y, 5, max_iter=50)
     assert (probe(x).argmax(1) == y).float().mean() > 0.95
     assert objective_value(0.8, 0.4, {"objective": "weighted", "objective_weight": 0.25}) == pytest.approx(0.7)
     assert objective_value(0.8, 0.4, None) == 0.4

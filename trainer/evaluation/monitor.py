@@ -17,65 +17,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.adversarial_training import ce_objective
 from trainer.attacks import network_mode, pgd_attack
 from trainer.evaluation.features import extract_features
+from trainer.evaluation.probes import LinearProbe, ProbedClassifier, fit_linear_probe
 from trainer.evaluation.robustness import pgd_config
 
 OBJECTIVES = ("robust", "clean", "weighted")
-
-
-class LinearProbe(nn.Module):
-    """Feature standardisation + linear layer (a function of the backbone output)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(mean.shape[0], num_classes)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.linear((f.float() - self.mean) / self.std)
-
-
-class ProbedEncoder(nn.Module):
-    """Pixels in [0, 1] -> logits through the (frozen) encoder and the probe."""
-
-    def __init__(self, encoder: nn.Module, probe: LinearProbe) -> None:
-        super().__init__()
-        self.encoder, self.probe = encoder, probe
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probe(self.encoder(x))
-
-
-def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 100,
-                     weight_decay: float = 1e-3) -> LinearProbe:
-    """Full-batch multinomial logistic regression on frozen features (L-BFGS, L2 on the weights)."""
-    features = features.float()
-    mean = features.mean(0)
-    std = features.std(0).clamp_min(1e-6)
-    probe = LinearProbe(mean, std, num_classes).to(features.device)
-    z = (features - mean) / std
-    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=int(steps), history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(probe.linear(z), labels) + 0.5 * weight_decay * probe.linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    for p in probe.parameters():
-        p.requires_grad_(False)
-    return probe
 
 
 def objective_value(clean: float, robust: float, tune_cfg: Mapping[str, Any] | None) -> float:
@@ -131,9 +81,10 @@ class ValMonitor:
         from trainer.runtime import all_reduce_sum
 
         feats, labels = extract_features(encoder, self.train_loader)
-        probe = fit_linear_probe(feats, labels, self.num_classes, self.probe_steps, self.probe_wd)
+        probe = fit_linear_probe(feats, labels, self.num_classes, weight_decay=self.probe_wd,
+                                 max_iter=self.probe_steps)
         self._broadcast(probe)
-        model = ProbedEncoder(encoder, probe)
+        model = ProbedClassifier(encoder, probe)
         clean = robust = total = 0
         with network_mode([model], train=False):
             for batch in self.val_loader:  # read every batch (FFCV epochs must run to the end)
