@@ -183,28 +183,33 @@ def test_two_real_gloo_ranks_read_disjoint_shards(id_beton, tmp_path):
     assert [r["epochs"]["0_again"] for r in res] == e0  # set_epoch(0) replays epoch 0
 
 
-class _Boom:
-    """An FFCV operation that raises on its third batch (inside FFCV's pipeline thread)."""
+def _python_op(fn):
+    """An FFCV operation that runs `fn(images) -> images` in Python (not jitted), in FFCV's thread."""
+    from ffcv.pipeline.operation import Operation
 
-    def __new__(cls, raised_at: list):
-        from ffcv.pipeline.operation import Operation
+    class PythonOp(Operation):
+        def generate_code(self):
+            def run(images, _dst):
+                return fn(images)
+            return run
 
-        class Boom(Operation):
-            def generate_code(self):
-                calls = [0]
+        def declare_state_and_memory(self, previous_state):
+            return dc_replace(previous_state, jit_mode=False), None
 
-                def boom(images, _dst):
-                    calls[0] += 1
-                    if calls[0] == 3:
-                        raised_at.append(time.time())
-                        raise ValueError("decoder exploded on batch 3")
-                    return images
-                return boom
+    return PythonOp()
 
-            def declare_state_and_memory(self, previous_state):
-                return dc_replace(previous_state, jit_mode=False), None
 
-        return Boom()
+def _boom(raised_at: list):
+    """Raises on the third batch."""
+    calls = [0]
+
+    def boom(images):
+        calls[0] += 1
+        if calls[0] == 3:
+            raised_at.append(time.time())
+            raise ValueError("decoder exploded on batch 3")
+        return images
+    return _python_op(boom)
 
 
 def test_pipeline_exception_surfaces_in_consumer(id_beton):
@@ -217,7 +222,7 @@ def test_pipeline_exception_surfaces_in_consumer(id_beton):
     path, _ = id_beton
     raised_at: list[float] = []
     loader = GuardedLoader(str(path), batch_size=10, num_workers=1, batches_ahead=1,
-                           pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _Boom(raised_at)],
+                           pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _boom(raised_at)],
                                       "label": [IntDecoder(), ToTensor()]})
     result: dict = {}
 
@@ -239,23 +244,12 @@ def test_pipeline_exception_surfaces_in_consumer(id_beton):
     assert result["t"] - raised_at[0] < 5.0  # surfaces within seconds
 
 
-class _ThreadProbe:
-    """An FFCV operation (Python, not jitted) that records torch's thread count in FFCV's thread."""
-
-    def __new__(cls, seen: list):
-        from ffcv.pipeline.operation import Operation
-
-        class Probe(Operation):
-            def generate_code(self):
-                def probe(images, _dst):
-                    seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-                    return images
-                return probe
-
-            def declare_state_and_memory(self, previous_state):
-                return dc_replace(previous_state, jit_mode=False), None
-
-        return Probe()
+def _thread_probe(seen: list):
+    """Records (in the main thread?, torch's thread count) per batch."""
+    def probe(images):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return images
+    return _python_op(probe)
 
 
 def test_loader_leaves_the_training_thread_count_and_copies_single_threaded(id_beton):
@@ -274,7 +268,7 @@ def test_loader_leaves_the_training_thread_count_and_copies_single_threaded(id_b
         torch.set_num_threads(3)  # neither FFCV's import-time 1 nor the loaders' 2 below
         seen: list = []
         loader = GuardedLoader(str(path), batch_size=20, num_workers=2,
-                               pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _ThreadProbe(seen)],
+                               pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _thread_probe(seen)],
                                           "label": [IntDecoder(), ToTensor()]})
         assert torch.get_num_threads() == 3
         for _ in range(2):
