@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"rungs {asha['rungs']}) on {args.simulate}")
         res = report(asha, grid, sweep["metric"])
     else:
-        from trainer.config import ConfigError
+        from conf import ConfigError
 
         try:
             res = run_live(list(args.overrides))

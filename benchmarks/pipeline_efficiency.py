@@ -1,14 +1,16 @@
 """Pipeline efficiency: images/s of full training divided by images/s of the bare step.
 
-*Full training* is the real thing: `trainer.recipes.run_train_stage` with
-`trainer.train_loop.pretrain_loop` on the digits .beton (FFCV loader, Ray Train worker, DDP
+*Full training* is the real thing: `trainer.launch.run_train_stage` with
+`trainer.worker.pretrain_loop` on the digits .beton (FFCV loader, Ray Train worker, DDP
 preparation, metrics all-reduce, kNN monitor, checkpoint written and reported every epoch,
 progress line). An epoch's span runs from the end of the previous epoch's report to the end of
 this epoch's `ray.train.report`, so it includes everything the loop does per epoch.
-*Bare step* is `trainer.step.TrainStep` on preloaded random tensors of the same shape, in the same
+*Bare step* is `trainer.worker.TrainStep` on preloaded random tensors of the same shape, in the same
 worker process (same device, same torch threads), with its own copy of the method.
 
-The two are interleaved: after each epoch's report the worker runs one bare measurement of the
+The measurement is an epoch hook (`BenchHook`, trainer/worker/hooks.py's interface): the loop itself
+reports where each epoch's time went (step loop, waiting for batches, each hook, checkpoint write,
+report). After each epoch's report the hook runs one bare measurement of the
 same number of steps (that time is excluded from the training clock), so machine load hits both
 alike. The first `--warmup-epochs` epochs are excluded explicitly: FFCV compiles its pipelines
 with numba on their first iteration (train loader in epoch 1, the monitor's eval loaders at the
@@ -33,27 +35,29 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from trainer.worker import EpochHook  # noqa: E402
 
 
 def _bare_runner(cfg: dict[str, Any], stage: dict[str, Any]):
     """A second copy of the method + optimiser on preloaded tensors, in this worker's setup."""
     import torch
 
-    from data_pipeline.write import verify_beton, beton_path
+    from data_pipeline.write import beton_path, verify_beton
     from trainer.methods import build_method
     from trainer.optim import build_optimizer
-    from trainer.step import TrainStep, prepare_method
+    from trainer.worker import TrainStep, prepare_method
 
     import ray.train.torch
 
     device = ray.train.torch.get_device()
     mcfg = stage["method"]
-    method = build_method(cfg, mcfg, device, **stage.get("method_kwargs", {}))
+    method = build_method(cfg, mcfg, device, **stage["method_kwargs"])
     prepare_method(method, cfg, device, log=lambda _: None)
     step = TrainStep(method, build_optimizer(method.encoder.parameters(), mcfg["train"]), None, cfg, device)
     res = int(verify_beton(str(beton_path(cfg["data"], "train")), check_hash=False)["resolution"])
@@ -80,95 +84,41 @@ def _bare_runner(cfg: dict[str, Any], stage: dict[str, Any]):
     return run
 
 
-def bench_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: `pretrain_loop` with a bare-step measurement after every epoch's report.
+class BenchHook(EpochHook):
+    """After every epoch's report: record where the epoch's time went, then time the bare step."""
 
-    Also times, per epoch, the kNN monitor (feature extraction + kNN), the checkpoint writes and
-    `ray.train.report` itself (which persists the checkpoint), by wrapping those functions.
-    """
-    import ray.train
+    name = "bench"
 
-    import trainer.train_loop as tl
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg, self.stage = config["cfg"], config["stage"]
+        self.out_file, self.bare_steps = self.stage["bench"]["out"], int(self.stage["bench"]["bare_steps"])
+        self.bare = None
+        self.epochs: list[dict[str, Any]] = []
+        self.mark = (time.perf_counter(), time.process_time())
 
-    out_file = config["stage"]["bench"]["out"]
-    bare_steps = int(config["stage"]["bench"]["bare_steps"])
-    original_report = ray.train.report
-    parts = {"knn_s": 0.0, "checkpoint_write_s": 0.0, "loader_wait_s": 0.0}
-    which = {"extract_features": "knn_s", "knn_accuracy": "knn_s",
-             "save_model": "checkpoint_write_s", "atomic_save": "checkpoint_write_s"}
-    originals = {name: getattr(tl, name) for name in which if hasattr(tl, name)}
-    state: dict[str, Any] = {"bare": None, "epochs": [], "mark": (time.perf_counter(), time.process_time())}
+    def after_report(self, epoch: int, report: Mapping[str, Any], timings: Mapping[str, Any]) -> None:
+        import ray.train
 
-    def timing(name: str, fn):
-        def inner(*a: Any, **k: Any):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                parts[which[name]] += time.perf_counter() - t
-        return inner
-
-    def report(metrics: dict[str, Any], checkpoint=None, **kwargs: Any) -> None:
-        t = time.perf_counter()
-        original_report(metrics, checkpoint=checkpoint, **kwargs)
         wall, cpu = time.perf_counter(), time.process_time()
-        if state["bare"] is None:
-            state["bare"] = _bare_runner(config["cfg"], config["stage"])
-        bare_wall, bare_cpu, bare_images = state["bare"](bare_steps)
-        state["epochs"].append({
-            "epoch": int(metrics["epoch"]), "span_wall_s": wall - state["mark"][0],
-            "span_cpu_s": cpu - state["mark"][1], "step_loop_s": float(metrics["epoch_time_s"]),
-            "images": float(metrics["images_per_s"]) * float(metrics["epoch_time_s"]),
-            "report_s": wall - t, **parts,
-            "bare_wall_s": bare_wall, "bare_cpu_s": bare_cpu, "bare_images": bare_images,
-            "knn": any(k.startswith("knn_") for k in metrics)})
-        for k in parts:
-            parts[k] = 0.0
+        if self.bare is None:
+            self.bare = _bare_runner(self.cfg, self.stage)
+        bare_wall, bare_cpu, bare_images = self.bare(self.bare_steps)
+        self.epochs.append({
+            "epoch": epoch + 1, "span_wall_s": wall - self.mark[0], "span_cpu_s": cpu - self.mark[1],
+            "step_loop_s": timings["step_loop_s"], "images": timings["images"], "report_s": timings["report_s"],
+            "knn_s": timings["hooks_s"].get("knn", 0.0), "checkpoint_write_s": timings["checkpoint_write_s"],
+            "loader_wait_s": timings["data_wait_s"], "bare_wall_s": bare_wall, "bare_cpu_s": bare_cpu,
+            "bare_images": bare_images, "knn": any(k.startswith("knn_") for k in report)})
         if ray.train.get_context().get_world_rank() == 0:
-            Path(out_file).write_text(json.dumps(state["epochs"], indent=2))
-        state["mark"] = (time.perf_counter(), time.process_time())
+            Path(self.out_file).write_text(json.dumps(self.epochs, indent=2))
+        self.mark = (time.perf_counter(), time.process_time())
 
-    for name, fn in originals.items():
-        setattr(tl, name, timing(name, fn))
-    build_loader = tl.build_loader
 
-    class TimedLoader:
-        """The training loader, timing how long the loop waits in next() (FFCV + float conversion)."""
+def bench_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: the real pre-training loop with the timing hook added."""
+    from trainer.worker import pretrain_loop
 
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
-
-        def __len__(self) -> int:
-            return len(self.inner)
-
-        def __iter__(self):
-            it = iter(self.inner)
-            while True:
-                t = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    parts["loader_wait_s"] += time.perf_counter() - t
-                    return
-                parts["loader_wait_s"] += time.perf_counter() - t
-                yield batch
-
-    def build_loader_timed(path: str, views: str, *a: Any, **k: Any):
-        loader = build_loader(path, views, *a, **k)
-        return loader if views == "eval" else TimedLoader(loader)
-
-    tl.build_loader = build_loader_timed
-    ray.train.report = report
-    try:
-        tl.pretrain_loop(config)
-    finally:
-        ray.train.report = original_report
-        tl.build_loader = build_loader
-        for name, fn in originals.items():
-            setattr(tl, name, fn)
+    pretrain_loop(config, extra_hooks=[BenchHook(config)])
 
 
 def summarise(epochs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
@@ -213,11 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. precision=bf16")
     args = p.parse_args(argv)
 
+    from conf import compose
+    from data_pipeline.write import beton_path, ensure_betons, verify_beton
     from trainer.checkpoint import save_model
-    from trainer.config import compose
+    from trainer.launch import init_ray, run_train_stage
     from trainer.models import build_encoder
-    from trainer.recipes import init_ray, run_train_stage
-    from data_pipeline.write import ensure_betons, verify_beton, beton_path
+    from trainer.recipes import Stage, initial_artifacts, stage_payload
 
     import benchmarks.pipeline_efficiency as this  # workers import the loop by reference
 
@@ -230,13 +181,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  f"monitor.knn_every={args.knn_every}", "cluster.num_workers=1"]
     if args.attack_steps:
         overrides.append(f"attack.steps={args.attack_steps}")
-    kwargs: dict[str, Any] = {}
     if args.method == "deacl":
         teacher_path = out / "teacher.pt"
         model_cfg = compose(overrides + ["recipe=deacl"])["model"]
         save_model(teacher_path, build_encoder(model_cfg, "digits", with_projector=False), model_cfg, "digits")
         overrides += [f"teacher.checkpoint={teacher_path}", "recipe=pretrain"]
-        kwargs["teacher_path"] = str(teacher_path)
     cfg = compose(overrides + list(args.overrides))
     ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=lambda s: None)
     n_train = int(verify_beton(str(beton_path(cfg["data"], "train")), check_hash=False)["count"])
@@ -253,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{n_train} train images, {bare_steps} bare steps per measurement", flush=True)
     init_ray(cfg)
     result_file = out / "pipeline_epochs.json"
-    stage = {"name": "bench", "method": cfg["method"], "method_kwargs": kwargs,
-             "bench": {"out": str(result_file), "bare_steps": bare_steps}}  # pretrain_loop ignores "bench"
+    stage = stage_payload(cfg, Stage("bench", "pretrain", method=cfg["method"]), initial_artifacts(cfg))
+    stage["bench"] = {"out": str(result_file), "bare_steps": bare_steps}  # read by BenchHook only
     run_train_stage(cfg, stage, this.bench_loop, f"bench-{int(time.time())}")
     epochs = json.loads(result_file.read_text())
     summary = summarise(epochs, args.warmup_epochs)

@@ -1,7 +1,7 @@
 """Images/s of the DeACL, ACL-DS and RoCL training steps: this project's step vs a plain reference.
 
 The *project* side is exactly what a worker runs per batch: `build_method` ->
-`trainer.step.prepare_method` (channels_last, torch.compile when asked) -> `trainer.step.TrainStep`
+`trainer.worker.prepare_method` (channels_last, torch.compile when asked) -> `trainer.worker.TrainStep`
 (autocast, `method.training_step`, backward, the configured optimiser). The *reference* side is
 the same step written the straightforward way, as the papers' code does it: fp32, NCHW, one
 forward pass per input batch, the teacher (DeACL) / the attack target (RoCL) computed with
@@ -50,7 +50,7 @@ from trainer.methods import build_method  # noqa: E402
 from trainer.models import build_encoder  # noqa: E402
 from trainer.models.dual_bn import bn_route  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
-from trainer.step import TrainStep, prepare_method  # noqa: E402
+from trainer.worker import TrainStep, prepare_method  # noqa: E402
 
 CONF = ROOT / "conf"
 # benchmark name -> (method config, attack config, method overrides)
@@ -217,28 +217,31 @@ class RefRoCL:
 
 # ----------------------------------------------------------------------------- setup
 
-def load_yaml(group: str, name: str) -> dict[str, Any]:
-    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+def make_cfg(args: argparse.Namespace, method_name: str, attack: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The composed config of one side: the method's and the attack option's values (not the demo
+    preset's 16/255), the benchmark's model, batch and speed options."""
+    from conf import compose
+    from conf.schema import Attack
 
-
-def make_cfg(args: argparse.Namespace, attack: str) -> dict[str, Any]:
-    model = load_yaml("model", args.model)
+    ov = [f"model={args.model}", f"method={method_name}", f"attack={attack}", "data.stats=cifar10",
+          f"method.train.batch_size={args.batch}", f"precision={args.precision}",
+          f"channels_last={str(args.channels_last).lower()}", f"compile={str(args.compile).lower()}",
+          f"freeze_params_in_attack={str(args.freeze).lower()}",
+          *(f"method.{k}={v}" for k, v in overrides.items())]
     if args.width:
-        model["width"] = args.width
+        ov.append(f"model.width={args.width}")
     if args.proj_hidden_dim:
-        model["proj_hidden_dim"] = args.proj_hidden_dim
-    return {"attack": load_yaml("attack", attack), "model": model,
-            "data": {"stats": "cifar10", "num_classes": 10},
-            "precision": args.precision, "channels_last": args.channels_last,
-            "compile": args.compile, "freeze_params_in_attack": args.freeze}
+        ov.append(f"model.proj_hidden_dim={args.proj_hidden_dim}")
+    cfg = compose(ov + (["recipe=pretrain", "teacher.checkpoint=null"] if method_name != "deacl" else []))
+    cfg["attack"] = Attack.model_validate(yaml.safe_load((CONF / "attack" / f"{attack}.yaml").read_text()) or {}).model_dump()
+    return cfg
 
 
 def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: str):
     """(project step, reference step, number of views) for one method, same initial weights."""
     method_name, attack_name, overrides = METHODS[name]
-    cfg = make_cfg(args, attack_name)
-    mcfg = {**load_yaml("method", method_name), **overrides}
-    mcfg["train"] = {**mcfg["train"], "batch_size": args.batch}
+    cfg = make_cfg(args, method_name, attack_name, overrides)
+    mcfg = cfg["method"]
     kwargs = {}
     torch.manual_seed(0)
     if method_name == "deacl":

@@ -23,23 +23,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-SOURCE_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "svhn", "imagefolder")
-BUNDLED_SOURCES = ("digits", "synthetic")  # need no files on disk (no data.root)
-TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "svhn")
+from conf.schema import DATASET_SPLITS, DATASETS
 
-# Splits each source can produce ("val" is held out of "train" when data.val_fraction > 0).
-SOURCE_SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "val", "test"),
-    "synthetic": ("train", "val", "test"),
-    "cifar10": ("train", "val", "test"),
-    "cifar100": ("train", "val", "test"),
-    "stl10": ("train", "val", "test", "unlabeled", "train+unlabeled"),
-    "svhn": ("train", "val", "test", "extra"),
-    "imagefolder": ("train", "val", "test"),
-}
-FIXED_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "svhn": 10}
-NATIVE_RESOLUTION = {"cifar10": 32, "cifar100": 32, "stl10": 96, "svhn": 32}
-WRITE_MODES = ("raw", "jpg", "smart")
+# The dataset names, their splits and fixed class counts are config facts (conf/schema.py).
+TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "svhn")
 UNLABELED = -1  # label of STL-10's unlabeled images
 
 
@@ -147,14 +134,6 @@ def _digits(split: str, resolution: int) -> ImageSource:
     up = images[chosen].repeat(factor, axis=1).repeat(factor, axis=2)
     rgb = np.repeat(up[..., None], 3, axis=3)
     return ImageSource("digits", split, rgb, labels[chosen], [str(d) for d in range(10)], resolution)
-
-
-def _digits_split(split: str, resolution: int, val_fraction: float) -> ImageSource:
-    """A digits split with materialised `images`/`labels` arrays (kept for callers of the old API)."""
-    src = load_source({"name": "digits", "resolution": resolution, "val_fraction": val_fraction}, split)
-    if src.indices is not None:
-        src = replace(src, images=np.asarray(src.images)[src.indices], labels=src.targets(), indices=None)
-    return src
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,16 +403,16 @@ def _full_split(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
             raise DataSourceError(f"data.num_classes={nc} but {data_cfg.get('root')}/train has "
                                   f"{src.num_classes} class folders; set data.num_classes={src.num_classes}")
         return src
-    raise DataSourceError(f"data.name={name!r} is not known; allowed: {', '.join(SOURCE_NAMES)}")
+    raise DataSourceError(f"data.name={name!r} is not known; allowed: {', '.join(DATASETS)}")
 
 
 def load_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
     """Load `split` of the dataset described by `data_cfg` (see module doc for `val`)."""
     name = data_cfg["name"]
-    if name not in SOURCE_NAMES:
-        raise DataSourceError(f"data.name={name!r} is not known; allowed: {', '.join(SOURCE_NAMES)}")
-    if split not in SOURCE_SPLITS[name]:
-        raise DataSourceError(f"{name} has no split {split!r}; allowed: {', '.join(SOURCE_SPLITS[name])}")
+    if name not in DATASETS:
+        raise DataSourceError(f"data.name={name!r} is not known; allowed: {', '.join(DATASETS)}")
+    if split not in DATASET_SPLITS[name]:
+        raise DataSourceError(f"{name} has no split {split!r}; allowed: {', '.join(DATASET_SPLITS[name])}")
     vf = float(data_cfg.get("val_fraction") or 0.0)
     if split not in ("train", "val") or (vf == 0 and split == "train"):
         return _full_split(data_cfg, split)
@@ -444,45 +423,3 @@ def load_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
     train = _full_split(data_cfg, "train")
     tr, va = holdout_split(train.targets(), vf, int(data_cfg.get("split_seed", 0)))
     return train.subset(va if split == "val" else tr, split)
-
-
-def data_config_problem(data: Mapping[str, Any]) -> tuple[str, Any, str] | None:
-    """(key, value, what is allowed) for the first invalid data.* value, or None."""
-    name = data.get("name")
-    if name not in SOURCE_NAMES:
-        return "data.name", name, f"allowed: {', '.join(SOURCE_NAMES)}"
-    vf = data.get("val_fraction", 0.0)
-    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
-        return "data.val_fraction", vf, "must be a number in [0, 1)"
-    splits = data.get("splits") or []
-    for s in splits:
-        if s not in SOURCE_SPLITS[name]:
-            return "data.splits", s, f"{name} splits: {', '.join(SOURCE_SPLITS[name])}"
-    if "val" in splits and not vf and name != "imagefolder":
-        return "data.splits", "val", "split val needs data.val_fraction > 0 (held out of train)"
-    res = data.get("resolution")
-    if not isinstance(res, int) or isinstance(res, bool) or res < 8:
-        return "data.resolution", res, "must be an integer >= 8"
-    if name == "digits" and res % 8:
-        return "data.resolution", res, "digits needs a multiple of 8"
-    mr = data.get("max_resolution")
-    if mr is not None and (not isinstance(mr, int) or isinstance(mr, bool) or mr < 8):
-        return "data.max_resolution", mr, "must be null or an integer >= 8"
-    if data.get("write_mode", "raw") not in WRITE_MODES:
-        return "data.write_mode", data.get("write_mode"), f"allowed: {', '.join(WRITE_MODES)}"
-    nc = data.get("num_classes")
-    if name in FIXED_NUM_CLASSES and nc != FIXED_NUM_CLASSES[name]:
-        return "data.num_classes", nc, f"{name} has {FIXED_NUM_CLASSES[name]} classes"
-    if name == "imagefolder" and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 2):
-        return "data.num_classes", nc, "imagefolder needs the number of class folders (an integer >= 2)"
-    if name == "synthetic":
-        if not isinstance(nc, int) or isinstance(nc, bool) or not 2 <= nc <= SYN_MAX_CLASSES:
-            return "data.num_classes", nc, f"synthetic needs an integer in [2, {SYN_MAX_CLASSES}]"
-        for key in ("train_size", "test_size"):
-            v = data.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < nc:
-                return f"data.{key}", v, f"must be an integer >= num_classes={nc}"
-        if not isinstance(data.get("seed", 0), int):
-            return "data.seed", data.get("seed"), "must be an integer"
-    return None
-

@@ -32,6 +32,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from conf import ConfigError, compose
+from conf.cli import CommandLine, cli_main
 from data_pipeline import keep_torch_threads
 from data_pipeline.sources import ImageSource, load_source
 
@@ -394,30 +396,17 @@ def read_beton_raw(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarra
     return images, np.asarray(label_meta, dtype=np.int64)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m data_pipeline.write data=<name> [data.key=value ...] [force=true]`."""
-    from trainer.config import ConfigError, compose
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    force = False
-    rest = []
-    for a in args:
-        if a.split("=", 1)[0] in ("force", "+force"):
-            value = a.split("=", 1)[1].lower() if "=" in a else "true"
-            if value not in ("true", "false"):
-                print(f"error: force={value!r} is invalid: allowed: true, false", file=sys.stderr)
-                return 2
-            force = value == "true"
-        else:
-            rest.append(a)
-    try:
-        cfg = compose(rest)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def write_command(cl: CommandLine) -> int:
+    force = cl.own.get("force", "false").lower()
+    if force not in ("true", "false"):
+        raise ConfigError(f"force={force!r} is invalid: allowed: true, false")
+    cfg = compose(cl.overrides)
+    if cl.show_cfg:
+        print(json.dumps(cfg["data"], indent=2))
+        return 0
     data_cfg = cfg["data"]
     try:
-        paths = ensure_betons(data_cfg, list(data_cfg["splits"]), force=force)
+        paths = ensure_betons(data_cfg, list(data_cfg["splits"]), force=force == "true")
     except (BetonError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -426,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split}: {p} ({m['count']} images, {m['num_classes']} classes, {m['resolution']}px "
               f"{m['mode']}, sha256 {m['sha256'][:12]})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m data_pipeline.write data=<name> [data.key=value ...] [force=true]`."""
+    return cli_main(__doc__, argv, write_command, own_keys=("force",))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Shared fixtures: the repo root on sys.path, tiny configs, a Ray instance per test module."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,30 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> dict:
+    from conf import compose
+
+    return compose(list(overrides))
+
+
+def composed(*overrides: str) -> dict:
+    """The validated config for these overrides (a fresh copy; compositions are cached)."""
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+TINY_MODEL = ("model.width=4", "model.proj_hidden_dim=32", "model.proj_output_dim=16")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tests on 2 shared cores: oversubscribed torch threads are far slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
@@ -48,7 +74,7 @@ def ray_local():
     PENDING_CREATION on the driver while the GCS had it ALIVE), hanging the next `fit()`."""
     import ray
 
-    from tune.ray_env import local_runtime_env
+    from trainer.launch import local_runtime_env
 
     if ray.is_initialized():
         ray.shutdown()

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import composed
 import dataset_files as df
-from data_pipeline.sources import (DataSourceError, data_config_problem, holdout_split, load_source,
-                                   render_synthetic, synthetic_class_names)
+from conf import ConfigError, validate
+from data_pipeline.sources import (DataSourceError, holdout_split, load_source, render_synthetic,
+                                   synthetic_class_names)
 from data_pipeline.write import ensure_betons, read_beton_raw, verify_beton
 
 
@@ -205,9 +207,9 @@ def test_synthetic_classes_are_learnable_by_a_cnn():
     ({"train_size": 3}, "data.train_size"),
 ])
 def test_data_config_problems_are_named(change, key):
-    good = {"name": "synthetic", "num_classes": 10, "resolution": 32, "train_size": 100, "test_size": 20,
-            "seed": 0, "val_fraction": 0.1, "splits": ["train", "val", "test"], "write_mode": "raw",
-            "max_resolution": 32}
-    assert data_config_problem(good) is None
-    problem = data_config_problem({**good, **change})
-    assert problem is not None and problem[0] == key
+    cfg = composed("data=synthetic", "data.train_size=100", "data.test_size=20")
+    validate(cfg)
+    cfg["data"].update(change)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(key + "="), info.value

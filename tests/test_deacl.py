@@ -8,7 +8,7 @@ import torch
 
 from trainer.attacks import PGDConfig
 from trainer.checkpoint import save_model
-from trainer.config import compose
+from conf import compose
 from trainer.losses import deacl_attack_objective, deacl_loss
 from trainer.methods import build_method
 from trainer.models import build_encoder

@@ -43,7 +43,7 @@ def _train_steps(rank: int, world: int, cfg: dict, method_cfg: dict, kwargs: dic
 
     from trainer.methods import build_method
     from trainer.optim import build_optimizer
-    from trainer.runtime import convert_sync_batchnorm
+    from trainer.models.sync_bn import convert_sync_batchnorm
 
     torch.set_num_threads(1)
     torch.set_default_dtype(dtype)
@@ -116,7 +116,7 @@ def _check_equivalence(cfg: dict, method_cfg: dict, kwargs: dict, tmp_path: Path
 @pytest.fixture(scope="module")
 def deacl_setup(tmp_path_factory):
     from trainer.checkpoint import save_model
-    from trainer.config import compose
+    from conf import compose
     from trainer.models import build_encoder
 
     tmp = tmp_path_factory.mktemp("ddp_deacl")
@@ -133,7 +133,7 @@ def test_collective_batchnorm_matches_batchnorm_on_one_rank():
     """Without a process group it is plain BatchNorm, and it loads BatchNorm state dicts."""
     from torch import nn
 
-    from trainer.runtime import CollectiveBatchNorm, convert_sync_batchnorm
+    from trainer.models.sync_bn import CollectiveBatchNorm, convert_sync_batchnorm
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5), nn.BatchNorm1d(5))
     x = torch.rand(6, 3, 8, 8)
@@ -155,7 +155,7 @@ def test_ddp_equivalence_deacl(deacl_setup, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_equivalence_simclr_gathered_ntxent(tmp_path):
-    from trainer.config import compose
+    from conf import compose
 
     cfg = compose(tiny_overrides(tmp_path, **{"method": "simclr", "recipe": "pretrain", "data.resolution": "16",
                                               "method.train.optimizer": "sgd", "method.train.lr": "0.05",
@@ -165,7 +165,7 @@ def test_ddp_equivalence_simclr_gathered_ntxent(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_equivalence_acl(tmp_path):
-    from trainer.config import compose
+    from conf import compose
 
     cfg = compose(tiny_overrides(tmp_path, **{"method": "acl", "recipe": "pretrain", "data.resolution": "16",
                                               "method.train.optimizer": "sgd", "method.train.lr": "0.05",
@@ -179,9 +179,9 @@ def test_ddp_equivalence_acl(tmp_path):
 
 TWO_NODE_SNIPPET = r"""
 import json, sys
-from trainer.config import compose
-from trainer.recipes import init_ray, run_train_stage
-from trainer.train_loop import pretrain_loop
+from conf import compose
+from trainer.launch import init_ray, run_train_stage
+from trainer.worker import pretrain_loop
 from data_pipeline.write import ensure_betons
 import ray
 
@@ -190,7 +190,8 @@ cfg = compose(overrides)
 ensure_betons(cfg["data"], list(cfg["data"]["splits"]))
 init_ray(cfg)
 nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-stage = {"name": "student", "method": cfg["method"], "method_kwargs": {"teacher_path": teacher}}
+from trainer.recipes import Stage, stage_payload
+stage = stage_payload(cfg, Stage("student", "pretrain", method=cfg["method"]), {"teacher": teacher})
 result = run_train_stage(cfg, stage, pretrain_loop, cfg["run_name"] + "-student")
 json.dump({"path": result.path, "checkpoint": result.checkpoint.path, "metrics": result.metrics,
            "return_value": result.return_value, "cpu_nodes": len(nodes)}, open(out, "w"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import composed
 from trainer.checkpoint import load_encoder, save_model
 from trainer.methods import build_method
 from trainer.models import build_encoder
@@ -13,12 +14,7 @@ from trainer.models.dual_bn import DualBatchNorm, bn_route, convert_dual_bn_to_s
 MODEL = {"arch": "resnet18", "width": 4, "stem_padding": 1, "proj_hidden_dim": 16, "proj_output_dim": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bn_state(enc: nn.Module, route: str) -> dict[str, torch.Tensor]:
@@ -26,9 +22,9 @@ def _bn_state(enc: nn.Module, route: str) -> dict[str, torch.Tensor]:
 
 
 def _cfg(**method):
-    cfg = {"attack": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 2, "norm": "linf"}, "model": MODEL,
-           "data": {"stats": "digits", "num_classes": 10}}
-    return cfg, {"name": "acl", "variant": "ds", "temperature": 0.5, **method}
+    cfg = composed("method=acl", "model.width=4", "model.proj_hidden_dim=16", "model.proj_output_dim=8")
+    cfg["attack"].update(eps=8 / 255, alpha=2 / 255, steps=2)
+    return cfg, {**cfg["method"], "variant": "ds", "temperature": 0.5, **method}
 
 
 def test_every_bn_is_dual_projector_included():

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from data_pipeline.sources import load_source
 from trainer.evaluation.protocols import Classifier
-from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts, pgd_config
+from trainer.attacks import pgd_config
+from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts
 from trainer.models import build_encoder
 
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -66,8 +67,8 @@ def trained(single_thread):
 
 def _pgd20_accuracy(model, x, y) -> tuple[float, float]:
     counts = clean_and_pgd_counts(model, [{"views": [x], "label": y}],
-                                  pgd_config({"eps": EPS, "alpha": ALPHA, "steps": 20}))
-    return counts["clean_correct"] / counts["total"], counts["pgd_correct"] / counts["total"]
+                                  pgd_config({"eps": EPS, "alpha": ALPHA, "steps": 20, "norm": "linf"}))
+    return counts.clean / counts.total, counts.robust / counts.total
 
 
 def test_pgd20_agrees_with_torchattacks(trained):

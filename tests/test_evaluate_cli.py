@@ -156,6 +156,6 @@ def test_frozen_protocols_bn_mode(tmp_path):
     set_train_modes(model, full=True, bn_mode="eval")
     assert model.encoder.training
     assert protocol_loss("alf", {"alf_loss": "pgd_at"}) == "pgd_at"
-    assert protocol_loss("alf", {}) == "trades"
+    assert protocol_loss("alf", {"alf_loss": "trades"}) == "trades"
     assert protocol_loss("rle", {"alf_loss": "trades"}) == "pgd_at"
-    assert protocol_loss("le", {}) == "ce"
+    assert protocol_loss("le", {"alf_loss": "trades"}) == "ce"

@@ -54,7 +54,7 @@ def test_rng_state_round_trip_with_weights_only():
 
 
 def _tiny_cfg(tmp_path: Path, data_dir: Path, **extra):
-    from trainer.config import compose
+    from conf import compose
 
     base = {"method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
             "data.val_fraction": "0.75", "method.train.batch_size": "64", "method.train.optimizer": "sgd",
@@ -64,9 +64,9 @@ def _tiny_cfg(tmp_path: Path, data_dir: Path, **extra):
 
 
 def test_run_folder_refuses_a_different_config(tmp_path):
-    from trainer.config import config_hash
+    from conf import config_hash
     from trainer.recipes import claim_run_dir, run_dir
-    from trainer.train_loop import RunMismatchError
+    from trainer.worker import RunMismatchError
 
     a = _tiny_cfg(tmp_path, tmp_path / "data", run_name="shared-name")
     b = _tiny_cfg(tmp_path, tmp_path / "data", run_name="shared-name", **{"method.train.lr": "0.2"})
@@ -78,33 +78,24 @@ def test_run_folder_refuses_a_different_config(tmp_path):
     claim_run_dir(c, out)  # the cluster shape is not part of the experiment
     with pytest.raises(RunMismatchError, match="config hash"):
         claim_run_dir(b, out)
-    # A folder from before run.json existed: its config.json decides.
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    (legacy / "config.json").write_text(json.dumps(a))
-    with pytest.raises(RunMismatchError):
-        claim_run_dir(b, legacy)
 
 
 def test_checkpoint_identity_mismatch_message(tmp_path):
-    from trainer.train_loop import _checkpoint_identity, _identity_mismatch
+    from trainer.worker.state import identity_mismatch
 
     a = _tiny_cfg(tmp_path, tmp_path / "data")
     b = _tiny_cfg(tmp_path, tmp_path / "data", **{"method.train.lr": "0.2"})
-    stage = {"name": "train", "method": a["method"]}
-    ident = _checkpoint_identity(a, stage)
-    assert _identity_mismatch(ident, _checkpoint_identity(a, stage)) is None
-    msg = _identity_mismatch(ident, _checkpoint_identity(b, {"name": "train", "method": b["method"]}))
+    ident = _stage(a)["identity"]
+    assert identity_mismatch(ident, _stage(a)["identity"]) is None
+    msg = identity_mismatch(ident, _stage(b)["identity"])
     assert "config_hash" in msg and "another configuration" in msg
 
 
 def test_debug_keys_are_validated(tmp_path):
-    from trainer.config import ConfigError
-    from trainer.recipes import check_run_setup
+    from conf import ConfigError
 
-    cfg = _tiny_cfg(tmp_path, tmp_path / "data", **{"cluster.debug.fail_at_epoch": "0"})
-    with pytest.raises(ConfigError, match="fail_at_epoch"):
-        check_run_setup(cfg)
+    with pytest.raises(ConfigError, match="^cluster.debug.fail_at_epoch=0 is invalid"):
+        _tiny_cfg(tmp_path, tmp_path / "data", **{"cluster.debug.fail_at_epoch": "0"})
 
 
 # ------------------------------------------------------------------------------------- slow
@@ -122,14 +113,16 @@ def data_dir(tmp_path_factory):
 
 
 def _stage(cfg):
-    return {"name": "train", "method": cfg["method"], "method_kwargs": {}}
+    from trainer.recipes import plan, stage_payload
+
+    return stage_payload(cfg, plan(cfg)[0], {})
 
 
 @pytest.mark.slow
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_dir, tmp_path):
     from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_encoder
-    from trainer.recipes import run_train_stage
-    from trainer.train_loop import pretrain_loop
+    from trainer.launch import run_train_stage
+    from trainer.worker import pretrain_loop
 
     cfg = _tiny_cfg(tmp_path, data_dir, **{
         "method.train.epochs": "3", "cluster.num_workers": "2", "cluster.max_failures": "1",
@@ -143,7 +136,7 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_di
     assert result.return_value == {"status": "completed", "epochs": 3, "resumed_at": [1]}
     ckpt = Path(result.checkpoint.path)
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
-    assert state["epoch"] == 2 and state["resumed_at"] == [1] and state["world_size"] == 2
+    assert state["epoch"] == 3 and state["resumed_at"] == [1] and state["world_size"] == 2
     assert len(state["rng"]) == 2 and "loader" in state["rng"][1]["generators"]
     load_encoder(ckpt / MODEL_FILE)
 
@@ -151,8 +144,8 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_di
 @pytest.mark.slow
 def test_nonfinite_loss_stops_without_retries_and_keeps_last_good_checkpoint(ray_local, data_dir, tmp_path):
     from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_encoder
-    from trainer.recipes import run_train_stage
-    from trainer.train_loop import NonFiniteLossError, pretrain_loop
+    from trainer.launch import run_train_stage
+    from trainer.worker import NonFiniteLossError, pretrain_loop
 
     cfg = _tiny_cfg(tmp_path, data_dir, **{
         "method.train.epochs": "3", "cluster.num_workers": "1", "cluster.max_failures": "3",
@@ -166,7 +159,7 @@ def test_nonfinite_loss_stops_without_retries_and_keeps_last_good_checkpoint(ray
     ckpt = Path(result.checkpoint.path)
     assert str(ckpt) in str(info.value)
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
-    assert state["epoch"] == 0 and state["resumed_at"] == []  # the first attempt, never retried
+    assert state["epoch"] == 1 and state["resumed_at"] == []  # the first attempt, never retried
     enc = load_encoder(ckpt / MODEL_FILE)
     assert all(torch.isfinite(p).all() for p in enc.state_dict().values() if p.is_floating_point())
     print(f"non-finite run stopped in {time.time() - t0:.0f}s")
@@ -239,10 +232,11 @@ def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
     assert info["metrics"]["epoch"] == epochs
     last = max((p for p in Path(info["ray_path"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
     state = torch.load(last / STATE_FILE, weights_only=True)
-    assert state["epoch"] == epochs - 1 and state["resumed_at"] == [done]
+    assert state["epoch"] == epochs and state["resumed_at"] == [done]
     assert (run / "results.json").exists()
 
     # Same run_name, different experiment: refused before anything starts.
     third = subprocess.run(cmd + ["method.train.lr=0.2", f"run_name={cfg['run_name']}"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
-    assert third.returncode != 0 and "RunMismatchError" in third.stderr and "config hash" in third.stderr
+    assert third.returncode == 2 and third.stderr.startswith("config error: run folder") \
+        and "config hash" in third.stderr and "Traceback" not in third.stderr, third.stderr

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import TINY_MODEL, composed
 from trainer.attacks import network_mode
 from trainer.checkpoint import load_encoder, save_model
-from trainer.config import METHODS, ConfigError, _check_attack, _check_method
+from conf import ConfigError, schema, validate
+from data_pipeline.loaders import VIEW_KINDS
 from trainer.losses import multi_positive_nt_xent, nt_xent, rocl_loss, supcon
 from trainer.methods import METHOD_REGISTRY, build_method
 from trainer.models import Encoder, build_encoder
@@ -33,26 +35,30 @@ EPS = 8 / 255
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are far slower than one
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def method_cfg(name: str, **overrides):
-    m = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+    m = composed(f"method={name}")["method"]
     m.update(overrides)
     return m
 
 
+def base_cfg(steps: int = 2) -> dict:
+    """The composed config with the tiny model and an 8/255 PGD of `steps` steps."""
+    cfg = composed(*TINY_MODEL)
+    cfg["attack"].update(eps=EPS, alpha=2 / 255, steps=steps)
+    return cfg
+
+
+def checked(cfg: dict, m: dict) -> dict:
+    """`m` as the config's method, validated like any composed config."""
+    return validate({**cfg, "method": m, "recipe": "pretrain" if m["name"] != "deacl" else "auto"})["method"]
+
+
 def make(name: str, steps: int = 2, **overrides):
-    cfg = {"attack": {"eps": EPS, "alpha": 2 / 255, "steps": steps, "norm": "linf"}, "model": MODEL,
-           "data": {"stats": "digits", "num_classes": 10}}
-    m = method_cfg(name, **overrides)
-    METHOD_REGISTRY[name].validate_config(m, "method")
-    return cfg, build_method(cfg, m, CPU)
+    cfg = base_cfg(steps)
+    return cfg, build_method(cfg, checked(cfg, method_cfg(name, **overrides)), CPU)
 
 
 def batch_for(method, b: int = 8, res: int = 16, seed: int = 0):
@@ -65,21 +71,19 @@ def batch_for(method, b: int = 8, res: int = 16, seed: int = 0):
 # ---------------------------------------------------------------- configuration
 
 def test_every_spec_method_is_registered():
-    assert set(METHODS) <= set(METHOD_REGISTRY)
+    assert set(schema.METHOD_NAMES) == set(METHOD_REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
 def test_method_yaml_validates(name):
-    m = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+    m = method_cfg(name)
     assert m["name"] == name
-    _check_method("method", m, world_size=1)
-    assert m["views"] == METHOD_REGISTRY[name].views
+    assert METHOD_REGISTRY[name].views in VIEW_KINDS
 
 
 def test_rocl_attack_preset():
-    a = yaml.safe_load((CONF / "attack" / "rocl_pgd7.yaml").read_text())
-    _check_attack("attack", a)
-    assert (a["eps"], a["alpha"], a["steps"], a["norm"]) == (pytest.approx(8 / 255), 0.007, 7, "linf")
+    a = schema.Attack.model_validate(yaml.safe_load((CONF / "attack" / "rocl_pgd7.yaml").read_text()) or {})
+    assert (a.eps, a.alpha, a.steps, a.norm) == (pytest.approx(8 / 255), 0.007, 7, "linf")
 
 
 @pytest.mark.parametrize("name,key,value", [
@@ -93,9 +97,8 @@ def test_rocl_attack_preset():
     ("supervised", "attack_steps", 2.5),
 ])
 def test_validate_config_names_key_value_and_allowed(name, key, value):
-    m = method_cfg(name, **{key: value})
-    with pytest.raises(ConfigError, match=rf"^method\.{key}=.* is invalid: allowed"):
-        METHOD_REGISTRY[name].validate_config(m, "method")
+    with pytest.raises(ConfigError, match=rf"^method\.{key}=.* is invalid: (allowed|must be)"):
+        checked(base_cfg(), method_cfg(name, **{key: value}))
 
 
 # ---------------------------------------------------------------- ACL
@@ -196,7 +199,7 @@ def test_supcon_uses_labels_and_adversarial_view():
     _, nolab = make("supcon", use_labels=False)
     assert nolab._labels(batch) is None
     _, adv = make("supcon", adversarial=True)
-    assert adv.is_adversarial
+    assert adv.adversarial
     x_adv = adv.make_adversarial(x1, batch["label"])
     assert 0 < (x_adv - x1).abs().max() <= EPS + 1e-6
     loss, metrics = adv.training_step(batch)
@@ -243,8 +246,7 @@ def test_supervised_attack_steps_null_keeps_attack_group():
 
 def test_deacl_teacher_bit_identical_after_steps(tmp_path):
     torch.manual_seed(0)
-    cfg = {"attack": {"eps": EPS, "alpha": 2 / 255, "steps": 2, "norm": "linf"}, "model": MODEL,
-           "data": {"stats": "digits", "num_classes": 10}}
+    cfg = base_cfg()
     teacher = build_encoder(MODEL, "digits", with_projector=True)
     save_model(tmp_path / "teacher.pt", teacher, MODEL, "digits")
     method = build_method(cfg, method_cfg("deacl"), CPU, teacher_path=str(tmp_path / "teacher.pt"))
@@ -270,11 +272,14 @@ RES = 16
 
 @pytest.fixture(scope="module")
 def digits():
-    from data_pipeline.sources import _digits_split
+    import numpy as np
+
+    from data_pipeline.sources import load_source
 
     def tensors(split):
-        src = _digits_split(split, RES, 0.0)
-        return torch.from_numpy(src.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(src.labels)
+        src = load_source({"name": "digits", "resolution": RES, "val_fraction": 0.0}, split)
+        images = np.stack([src[i][0] for i in range(len(src))])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(src.targets())
 
     return tensors("train"), tensors("test")
 
@@ -417,9 +422,8 @@ def test_adversarial_method_beats_simclr_robust_accuracy(digits, simclr_baseline
     method's PGD robust accuracy is above SimCLR's."""
     torch.manual_seed(0)
     cfg, _ = make("simclr")
-    cfg["attack"] = dict(TRAIN_ATTACK)  # the same training attack for every method
-    m = method_cfg(name, **overrides)
-    METHOD_REGISTRY[name].validate_config(m, "method")
+    cfg["attack"].update(TRAIN_ATTACK)  # the same training attack for every method
+    m = checked(cfg, method_cfg(name, **overrides))
     kwargs = {"teacher_path": simclr_baseline["path"]} if name == "deacl" else {}
     method = build_method(cfg, m, CPU, **kwargs)
     _train(method, digits, ROBUST_STEPS)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import TINY_MODEL, composed
 from tests.test_methods import batch_for, make
 from trainer.attacks import PGDConfig, frozen_parameters, network_mode, pgd_attack
 from trainer.checkpoint import save_model
@@ -15,17 +16,12 @@ from trainer.losses import deacl_attack_objective
 from trainer.methods import build_method
 from trainer.models import build_encoder
 from trainer.optim import build_optimizer
-from trainer.step import TrainStep, prepare_method
+from trainer.worker import TrainStep, prepare_method
 
 MODEL = {"arch": "resnet18", "width": 4, "stem_padding": 1, "proj_hidden_dim": 32, "proj_output_dim": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class OpSpy(TorchDispatchMode):
@@ -48,13 +44,12 @@ class OpSpy(TorchDispatchMode):
 
 
 def _deacl(tmp_path, steps: int = 2, **cfg_extra):
-    cfg = {"attack": {"eps": 8 / 255, "alpha": 2 / 255, "steps": steps, "norm": "linf"}, "model": MODEL,
-           "data": {"stats": "cifar10", "num_classes": 10}, **cfg_extra}
+    cfg = {**composed(*TINY_MODEL), **cfg_extra}
+    cfg["attack"].update(eps=8 / 255, alpha=2 / 255, steps=steps)
     torch.manual_seed(0)
-    teacher = build_encoder(MODEL, "cifar10", with_projector=False)
-    save_model(tmp_path / "t.pt", teacher, MODEL, "cifar10")
-    mcfg = {"name": "deacl", "lam": 2.0, "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": 8}}
-    return cfg, build_method(cfg, mcfg, torch.device("cpu"), teacher_path=str(tmp_path / "t.pt"))
+    teacher = build_encoder(MODEL, "digits", with_projector=False)
+    save_model(tmp_path / "t.pt", teacher, MODEL, "digits")
+    return cfg, build_method(cfg, cfg["method"], torch.device("cpu"), teacher_path=str(tmp_path / "t.pt"))
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -172,7 +167,7 @@ def test_fused_sgd_matches_the_loop():
 
 
 def test_compile_without_compiler_runs_eagerly(tmp_path, monkeypatch):
-    import trainer.step as step_mod
+    import trainer.worker.step as step_mod
 
     monkeypatch.setattr(step_mod, "compile_available", lambda device: (False, "no compiler (test)"))
     cfg, method = _deacl(tmp_path, compile=True)
@@ -202,7 +197,7 @@ def test_network_mode_and_freeze_compose_in_attack_mode(tmp_path):
 @pytest.mark.parametrize("override,key", [("compile=fast", "compile"), ("channels_last=maybe", "channels_last"),
                                           ("freeze_params_in_attack=1", "freeze_params_in_attack")])
 def test_speed_options_are_validated(tmp_path, override, key):
-    from trainer.config import ConfigError, compose
+    from conf import ConfigError, compose
 
     with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: allowed"):
         compose([f"output_dir={tmp_path}", override])

@@ -10,12 +10,7 @@ from trainer.adversarial_training import pgd_at_loss, trades_loss
 from trainer.attacks import PGDConfig, network_mode, pgd_attack
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are far slower than one
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model() -> nn.Module:

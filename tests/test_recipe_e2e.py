@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
-from trainer.config import compose
-from trainer.recipes import format_table, run_recipe
+from conf import compose
+from trainer.recipes import run_recipe
+from trainer.results import format_table
 
 
 @pytest.mark.slow

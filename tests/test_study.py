@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from trainer.config import ConfigError
+from conf import ConfigError
 from tune.study import SCENARIOS, compose_study, format_study_table
 
 

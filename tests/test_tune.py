@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_overrides
-from trainer.config import ConfigError, compose
+from conf import ConfigError, compose
 
 PY = sys.executable
 
@@ -24,12 +24,13 @@ PY = sys.executable
 def test_space_parsing_and_relative_keys(tmp_path):
     from ray import tune as rtune
 
-    from tune.search import _number, apply_params, compose_sweep, param_space
+    from tune.search import compose_sweep
+    from tune.space import apply_params, param_space, parse_number
 
     cfg, base = compose_sweep(["tune=demo", f"output_dir={tmp_path}"])
     assert base[: len(cfg["tune"]["overrides"])] == cfg["tune"]["overrides"] and base[-1] == f"output_dir={tmp_path}"
     assert cfg["monitor"]["robust_every"] == 1 and cfg["method"]["name"] == "deacl"
-    assert _number("8/255", "k") == pytest.approx(8 / 255)
+    assert parse_number("8/255", "k") == pytest.approx(8 / 255)
     ps = param_space(cfg["tune"]["space"])
     assert isinstance(ps["attack.eps"], rtune.search.sample.Float)
     assert isinstance(ps["attack.steps"], rtune.search.sample.Categorical)
@@ -39,7 +40,8 @@ def test_space_parsing_and_relative_keys(tmp_path):
 
 
 def test_bad_sweeps_are_refused(tmp_path):
-    from tune.search import check_space, compose_sweep
+    from tune.search import compose_sweep
+    from tune.space import check_space
 
     cfg, _ = compose_sweep(["tune=demo", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="attack.epz: no such config key"):
@@ -88,7 +90,7 @@ def test_linear_probe_objective_and_pareto():
     probe = fit_linear_probe(x, y, 5, max_iter=50)
     assert (probe(x).argmax(1) == y).float().mean() > 0.95
     assert objective_value(0.8, 0.4, {"objective": "weighted", "objective_weight": 0.25}) == pytest.approx(0.7)
-    assert objective_value(0.8, 0.4, None) == 0.4
+    assert objective_value(0.8, 0.4, {"objective": "robust", "objective_weight": 0.5}) == 0.4
     assert pareto_front([(80, 40), (70, 50), (75, 30), (60, 45), (85, 10)]) == [1, 0, 4]
 
 
@@ -105,7 +107,7 @@ def sweep(ray_local, tmp_path_factory):
 
     from trainer.checkpoint import save_model
     from trainer.models import build_encoder
-    from tune.analyze import _trial_statuses
+    from tune.analyze import trial_statuses
     from tune.search import check_sweep_config, compose_sweep, run_sweep, sweep_dir
 
     tmp = tmp_path_factory.mktemp("tune")
@@ -160,13 +162,13 @@ def sweep(ray_local, tmp_path_factory):
         first = run_sweep(cfg, base, resume="false", callbacks=[Interrupt()], log=lambda m: None)
     finally:
         os.environ.pop("TUNE_TEST_INTERRUPT", None)
-    statuses = _trial_statuses(path)
+    statuses = trial_statuses(path)
     before = {tid: _history(path / f"trial_{tid}") for tid in statuses if (path / f"trial_{tid}" / "result.json").exists()}
     finished_before = {tid for tid, s in statuses.items() if s == "TERMINATED"}
     second = run_sweep(cfg, base, resume="true", log=lambda m: None)
     return {"cfg": cfg, "dir": path, "first": first, "second": second, "before": before,
             "statuses_before": statuses, "finished_before": finished_before,
-            "statuses_after": _trial_statuses(path),
+            "statuses_after": trial_statuses(path),
             "interrupted_at": json.loads(marker.read_text()) if marker.exists() else None}
 
 

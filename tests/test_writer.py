@@ -168,5 +168,5 @@ def test_cli_writes_reuses_and_forces(tmp_path, capsys):
     assert capsys.readouterr().out.count("[data] wrote") == 3
     assert main(args + ["data.write_mode=png"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: data.write_mode='png' is invalid: allowed: raw, jpg, smart"]
+        "config error: data.write_mode='png' is invalid: allowed: raw, jpg, smart"]
     assert main(args + ["force=maybe"]) == 2

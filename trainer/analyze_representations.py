@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainer.attacks import PGDConfig
+from conf import ConfigError, compose
+from conf.cli import CommandLine, cli_main
+from trainer.attacks import pgd_config
+from trainer.checkpoint import load_checked
+from trainer.evaluation.robustness import clean_and_pgd_counts
 
 OWN_KEYS = ("checkpoint", "checkpoint_b", "classifier", "classifier_b", "out")
 
@@ -111,12 +114,10 @@ def analyse_model(encoder, classifier, data: Mapping[str, torch.Tensor], acfg: M
 
     Returns (results as plain lists, features kept for the cross-model comparison)."""
     from trainer.evaluation.cka import cka_matrix, collect_layer_features, layer_names
-    from trainer.evaluation.probes import (ProbedClassifier, adversarial_examples, fit_linear_probe,
-                                           layer_probes)
+    from trainer.evaluation.probes import ProbedClassifier, fit_linear_probe, layer_probes
 
     bs = int(acfg["batch_size"])
-    attack = PGDConfig(eps=float(acfg["pgd"]["eps"]), alpha=float(acfg["pgd"]["alpha"]),
-                       steps=int(acfg["pgd"]["steps"]))
+    attack = pgd_config(acfg["pgd"])
     x_te, y_te, x_tr, y_tr = data["x_test"], data["y_test"], data["x_train"], data["y_train"]
     res: dict[str, Any] = {}
     t0 = time.time()
@@ -129,12 +130,9 @@ def analyse_model(encoder, classifier, data: Mapping[str, torch.Tensor], acfg: M
         res["attacked_classifier"] = "linear probe on clean pooled features (fitted here)"
     else:
         res["attacked_classifier"] = "given classifier"
-    x_adv = adversarial_examples(classifier, x_te, y_te, attack, bs, device)
-    with torch.no_grad():
-        logits = torch.cat([classifier(xb.to(device)).cpu() for xb in x_te.split(bs)])
-        logits_adv = torch.cat([classifier(xb.to(device)).cpu() for xb in x_adv.split(bs)])
-    res["classifier_sa"] = float((logits.argmax(1) == y_te).float().mean())
-    res["classifier_ra"] = float((logits_adv.argmax(1) == y_te).float().mean())
+    counts = clean_and_pgd_counts(classifier, _batches(x_te, y_te, bs, device), attack, keep_adversarial=True)
+    x_adv = torch.cat(counts.adversarial)
+    res["classifier_sa"], res["classifier_ra"] = counts.clean / counts.total, counts.robust / counts.total
     log(f"[analysis] attacked classifier: SA {res['classifier_sa']:.4f} RA(PGD-{attack.steps}) "
         f"{res['classifier_ra']:.4f} on {len(y_te)} images ({time.time() - t0:.0f}s)")
 
@@ -161,13 +159,19 @@ def analyse_model(encoder, classifier, data: Mapping[str, torch.Tensor], acfg: M
         te_adv_f = collect_layer_features(encoder, x_adv, pp, bs, device) if pp != acfg["cka_pooling"] else adv
         tr_adv_f = None
         if acfg["probe_adv_train"]:
-            x_tr_adv = adversarial_examples(classifier, x_tr, y_tr, attack, bs, device)
+            x_tr_adv = torch.cat(clean_and_pgd_counts(classifier, _batches(x_tr, y_tr, bs, device), attack,
+                                                      keep_adversarial=True).adversarial)
             tr_adv_f = collect_layer_features(encoder, x_tr_adv, pp, bs, device)
         res["probes"] = layer_probes(tr_f, y_tr, te_f, y_te, num_classes, te_adv_f, tr_adv_f,
                                      float(acfg["probe_weight_decay"]), int(acfg["probe_max_iter"]))
         log(f"[analysis] probes ({time.time() - t1:.0f}s): " + "; ".join(
             f"{k} " + " ".join(f"{v:.2f}" for v in vals) for k, vals in res["probes"].items()))
     return res, {"clean": clean}
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device):
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        yield xb.to(device).contiguous(), yb.to(device)
 
 
 def run_analysis(cfg: Mapping[str, Any], checkpoint: str, checkpoint_b: str | None = None,
@@ -326,69 +330,34 @@ def plot_results(out_dir: Path, results: Mapping[str, Any]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Our own key=value arguments (checkpoint=, ...) vs Hydra overrides."""
-    own, rest = {}, []
-    for a in args:
-        key, eq, value = a.lstrip("+").partition("=")
-        if eq and key in OWN_KEYS:
-            own[key] = value
-        else:
-            rest.append(a)
-    return own, rest
+def _is_model_or_head(blob: Mapping[str, Any]) -> bool:
+    return "encoder" in blob or "classifier" in blob
 
 
-def _check_loadable(key: str, value: str) -> None:
-    from trainer.checkpoint import MODEL_FILE
-    from trainer.config import ConfigError
-
-    path = Path(value)
-    file = path / MODEL_FILE if path.is_dir() else path
-    try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or not ours
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"{key}={value!r} is invalid: cannot be loaded ({type(e).__name__}: {first})") from e
-    wanted = ("classifier",) if key.startswith("classifier") else ("encoder", "classifier")
-    if not isinstance(blob, dict) or not any(k in blob for k in wanted):
-        raise ConfigError(f"{key}={value!r} is invalid: not a "
-                          + ("classifier_<protocol>.pt" if key.startswith("classifier")
-                             else "model.pt or classifier_<protocol>.pt") + " written by this system")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError, compose
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+def run(cl: CommandLine) -> int:
+    own = cl.own
+    if not own.get("checkpoint"):
+        raise ConfigError("checkpoint=None is invalid: give checkpoint=/path/to/model.pt")
+    for key in ("checkpoint", "checkpoint_b", "classifier", "classifier_b"):
+        if own.get(key) and not Path(own[key]).exists():
+            raise ConfigError(f"{key}={own[key]!r} is invalid: file does not exist")
+    cfg = compose(["+analysis=default"] + cl.overrides)
+    for key in ("checkpoint", "checkpoint_b", "classifier", "classifier_b"):
+        if own.get(key):
+            head = key.startswith("classifier")
+            load_checked(key, own[key], (lambda b: "classifier" in b) if head else _is_model_or_head,
+                         "classifier_<protocol>.pt" if head else "model.pt or classifier_<protocol>.pt")
+    if cl.show_cfg:
+        print(json.dumps(cfg, indent=2))
         return 0
-    own, overrides = split_args(args)
-    try:
-        if not own.get("checkpoint"):
-            raise ConfigError("checkpoint=None is invalid: give checkpoint=/path/to/model.pt")
-        for key in ("checkpoint", "checkpoint_b", "classifier", "classifier_b"):
-            if own.get(key) and not Path(own[key]).exists():
-                raise ConfigError(f"{key}={own[key]!r} is invalid: file does not exist")
-        cfg = compose(["+analysis=default"] + overrides)
-        a = cfg["analysis"]
-        for key in ("cka_pooling", "probe_pooling"):
-            if a[key] not in ("flatten", "avg"):
-                raise ConfigError(f"analysis.{key}={a[key]!r} is invalid: allowed: flatten, avg")
-        for key in ("n_examples", "n_probe_train", "batch_size", "probe_max_iter"):
-            if not isinstance(a[key], int) or a[key] < (4 if key == "n_examples" else 1):
-                raise ConfigError(f"analysis.{key}={a[key]!r} is invalid: must be an integer >= "
-                                  f"{4 if key == 'n_examples' else 1}")
-        for key in ("checkpoint", "checkpoint_b", "classifier", "classifier_b"):
-            if own.get(key):
-                _check_loadable(key, own[key])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     results = run_analysis(cfg, own["checkpoint"], own.get("checkpoint_b"), own.get("classifier"),
                            own.get("classifier_b"), own.get("out"))
     print("\n".join(results["figures"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(__doc__, argv, run, own_keys=OWN_KEYS)
 
 
 if __name__ == "__main__":

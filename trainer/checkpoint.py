@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
+from conf import ConfigError
 from trainer.models import Encoder, build_encoder
 from trainer.models.dual_bn import has_dual_bn, single_bn_state_dict
 
@@ -41,6 +42,19 @@ def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checked(key: str, value: str, ok: Callable[[Mapping[str, Any]], bool], what: str) -> dict[str, Any]:
+    """The blob of a file named on a command line (`key=value`), or a ConfigError saying why not."""
+    try:
+        blob = load_model_file(value)
+    except Exception as e:  # missing, not a torch file, or not ours
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{key}={value!r} is invalid: cannot be loaded ({type(e).__name__}: {first})") from e
+    if not isinstance(blob, dict) or not ok(blob):
+        keys = ", ".join(sorted(blob)) if isinstance(blob, dict) else type(blob).__name__
+        raise ConfigError(f"{key}={value!r} is invalid: not a {what} written by this system (keys: {keys})")
+    return blob
 
 
 def load_encoder(path: str | os.PathLike, device: torch.device | str = "cpu", with_projector: bool = True,

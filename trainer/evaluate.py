@@ -20,26 +20,18 @@ same file reuses the finished evaluation, a changed file gets a new one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, compose, config_hash, split_cli
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from conf import ConfigError, compose, config_hash
+from conf.cli import CommandLine, cli_main
+from data_pipeline.write import file_sha256
+from trainer.checkpoint import MODEL_FILE, load_checked
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    from trainer.checkpoint import MODEL_FILE
-
     p = Path(path)
     return p / MODEL_FILE if p.is_dir() else p
 
@@ -50,64 +42,42 @@ def checkpoint_label(file: Path, blob: dict[str, Any]) -> str:
     return str(meta.get("stage") or meta.get("method") or file.parent.name or "model")
 
 
-def prepare(args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def prepare(cl: CommandLine) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compose + validate the evaluate config; returns (cfg, info about the checkpoint)."""
-    from trainer.checkpoint import load_model_file
-
-    ckpt = None
-    overrides = []
-    for a in args:
-        key, eq, value = a.lstrip("+").partition("=")
-        if eq and key == "checkpoint":
-            ckpt = value
-        elif eq and key == "recipe" and value != "evaluate":
+    ckpt = cl.own.get("checkpoint")
+    for o in cl.overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key == "recipe" and value != "evaluate":
             raise ConfigError(f"recipe={value!r} is invalid: trainer.evaluate always runs recipe=evaluate "
                               "(use python -m trainer.run for the others)")
-        else:
-            overrides.append(a)
     if not ckpt:
-        raise ConfigError("checkpoint=None is invalid: give checkpoint=/path/to/model.pt (a model this "
-                          "system wrote)")
+        raise ConfigError("checkpoint=None is invalid: give checkpoint=/path/to/model.pt (a model this system wrote)")
     quoted = f"'{ckpt}'" if "'" not in ckpt else ckpt  # paths with spaces or commas
-    cfg = compose(overrides + ["recipe=evaluate", f"++checkpoint={quoted}"])
+    cfg = compose(cl.overrides + ["recipe=evaluate", f"checkpoint={quoted}"])
     file = checkpoint_file(cfg["checkpoint"])
-    try:
-        blob = load_model_file(file)
-    except Exception as e:  # not a torch file, or not ours
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"checkpoint={ckpt!r} is invalid: cannot be loaded ({type(e).__name__}: {first})") from e
-    if "encoder" not in blob or "model_cfg" not in blob:
-        raise ConfigError(f"checkpoint={ckpt!r} is invalid: not an encoder model.pt written by this system "
-                          f"(keys: {', '.join(sorted(blob))})")
-    sha = _file_sha256(file)
-    if not cfg["eval"].get("label"):
+    blob = load_checked("checkpoint", ckpt, lambda b: "encoder" in b and "model_cfg" in b, "encoder model.pt")
+    sha = file_sha256(file)
+    if not cfg["eval"]["label"]:
         cfg["eval"]["label"] = checkpoint_label(file, blob)
-    if not any(a.lstrip("+").startswith("run_name=") for a in overrides):
+    if not any(o.lstrip("+").startswith("run_name=") for o in cl.overrides):
         cfg["run_name"] = f"eval-{cfg['eval']['label']}-{config_hash({**cfg, 'checkpoint_sha256': sha})}"
     info = {"path": str(file), "sha256": sha, "meta": blob.get("meta") or {}, "stats": blob.get("stats"),
             "model_cfg": blob.get("model_cfg"), "dual_bn": bool(blob.get("dual_bn"))}
     return cfg, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    cli = split_cli(argv, __doc__)
-    if cli is None:
-        return 0
-    args, show_cfg = cli
-    try:
-        cfg, info = prepare(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if show_cfg:
+def run(cl: CommandLine) -> int:
+    cfg, info = prepare(cl)
+    if cl.show_cfg:
         print(json.dumps(cfg, indent=2))
         return 0
     if info["stats"] and info["stats"] != cfg["data"]["stats"]:
         print(f"warning: the checkpoint normalises with '{info['stats']}' statistics but the evaluation data is "
-              f"'{cfg['data']['name']}' (data.stats={cfg['data']['stats']}); pass data=... to match",
-              file=sys.stderr)
-    from trainer.recipes import format_paper_table, run_dir, run_recipe, write_results
+              f"'{cfg['data']['name']}' (data.stats={cfg['data']['stats']}); pass data=... to match", file=sys.stderr)
+    from trainer.recipes import preflight, run_dir, run_recipe
+    from trainer.results import format_paper_table, write_results
 
+    preflight(cfg)
     results = run_recipe(cfg)
     results["checkpoint"] = info
     results["eval_settings"] = {k: cfg["eval"][k] for k in ("protocols", "bn_mode", "alf_loss",
@@ -119,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {out}/results.json, {out}/results.csv, {out}/results_paper.csv; "
           f"heads: {out}/evaluate_model/classifier_<protocol>.pt")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(__doc__, argv, run, own_keys=("checkpoint",))
 
 
 if __name__ == "__main__":

@@ -10,26 +10,9 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0, keeping the autograd graph (no-op alone)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
-def gather_plain(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0 without autograd (labels, counts)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+from trainer.distributed import gather_plain, gather_with_grad, rank_offset
 
 
 @contextlib.contextmanager
@@ -52,12 +35,6 @@ def _self_mask(self_col: torch.Tensor, n_cols: int) -> torch.Tensor:
     """Bool [rows, n_cols] mask with one True per row (F.one_hot would allocate int64: 8x the memory)."""
     mask = torch.zeros(self_col.shape[0], n_cols, dtype=torch.bool, device=self_col.device)
     return mask.scatter_(1, self_col[:, None], True)
-
-
-def _rank_offset(local_batch: int) -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() * local_batch
-    return 0
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
@@ -92,7 +69,7 @@ def _multi_positive_nt_xent(views: list[torch.Tensor], temperature: float, gathe
         right = right.detach()
     n_views = len(views)
     logits = anchors @ right.t() / temperature  # [V*B, V*N]
-    offset = _rank_offset(local_b) if gather else 0
+    offset = rank_offset(local_b) if gather else 0
     idx = torch.arange(local_b, device=logits.device) + offset  # global index of each local image
     rows = torch.arange(n_views * local_b, device=logits.device)
     image = idx.repeat(n_views)  # global image index of each anchor
@@ -122,7 +99,7 @@ def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: fl
     b, v, _ = features.shape
     feats = F.normalize(features, dim=2)
     if labels is None:
-        labels = torch.arange(b, device=features.device) + _rank_offset(b) * int(gather)
+        labels = torch.arange(b, device=features.device) + rank_offset(b) * int(gather)
     anchor = torch.cat(feats.unbind(1), dim=0)  # [V*B, D]
     all_feats = gather_with_grad(feats) if gather else feats
     all_labels = gather_plain(labels) if gather else labels
@@ -131,7 +108,7 @@ def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: fl
     logits = anchor @ right.t() / temperature
     anchor_labels = labels.repeat(v)
     right_labels = all_labels.repeat(v)
-    offset = _rank_offset(b) if gather else 0
+    offset = rank_offset(b) if gather else 0
     self_col = (torch.arange(v, device=features.device).repeat_interleave(b) * n
                 + (torch.arange(b, device=features.device) + offset).repeat(v))
     self_mask = _self_mask(self_col, v * n)

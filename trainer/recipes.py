@@ -2,10 +2,11 @@
 
     deacl    : teacher (SimCLR by default) -> student (DeACL) -> evaluate both
     pretrain : the configured method -> evaluate it
-    evaluate : evaluate an existing checkpoint (+checkpoint=...)
+    evaluate : evaluate an existing checkpoint (checkpoint=...)
 
-A stage whose `model.pt` (and `stage.json`) already exist in the run folder is skipped, and a
-stage interrupted mid-way resumes from its last Ray checkpoint (same storage path and name).
+`stage_payload` builds what a stage's workers receive and `run_stage` runs a stage once: a stage
+whose `stage.json` exists in its folder is reused, an interrupted one resumes from its last Ray
+checkpoint (same storage path and name). Recipes and Tune sweeps both go through these two.
 
 Resubmitting the same config resumes it: run names derive from the config hash. The run folder
 records that hash (`run.json`); a different config under the same run_name is refused
@@ -13,22 +14,24 @@ records that hash (`run.json`); a different config under the same run_name is re
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+from conf import ConfigError, config_hash, invalid
+from conf.rules import bundled
+from data_pipeline.write import beton_path, ensure_betons
 from trainer.checkpoint import MODEL_FILE
-from trainer.config import ConfigError, config_hash
-from tune.ray_env import WORKER_ENV, local_runtime_env
+from trainer.launch import init_ray, inside_ray_job, run_train_stage
+from trainer.results import write_results
+from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
 RUN_FILE = "run.json"
+STAGE_FILE = "stage.json"
 
 
 @dataclass
@@ -40,159 +43,121 @@ class Stage:
     label: str = ""
 
 
-def resolve_recipe(cfg: dict[str, Any]) -> str:
+def resolve_recipe(cfg: Mapping[str, Any]) -> str:
     if cfg["recipe"] != "auto":
         return cfg["recipe"]
     return "deacl" if cfg["method"]["name"] == "deacl" else "pretrain"
 
 
-def plan(cfg: dict[str, Any]) -> list[Stage]:
+def plan(cfg: Mapping[str, Any]) -> list[Stage]:
     recipe = resolve_recipe(cfg)
     if recipe == "evaluate":
-        return [Stage("evaluate_model", "evaluate", needs=["checkpoint"], label=cfg["eval"].get("label") or "model")]
+        return [Stage("evaluate_model", "evaluate", needs=["checkpoint"], label=cfg["eval"]["label"] or "model")]
     if recipe == "deacl":
         stages = []
-        if not cfg["teacher"].get("checkpoint"):
+        if not cfg["teacher"]["checkpoint"]:
             stages.append(Stage("teacher", "pretrain", method=cfg["teacher"]["method"], label="teacher"))
-        stages += [Stage("student", "pretrain", method=cfg["method"], needs=["teacher"], label="student"),
-                   Stage("evaluate_teacher", "evaluate", needs=["teacher"], label="teacher"),
-                   Stage("evaluate_student", "evaluate", needs=["student"], label="student")]
-        return stages
+        return stages + [Stage("student", "pretrain", method=cfg["method"], needs=["teacher"], label="student"),
+                         Stage("evaluate_teacher", "evaluate", needs=["teacher"], label="teacher"),
+                         Stage("evaluate_student", "evaluate", needs=["student"], label="student")]
     return [Stage("train", "pretrain", method=cfg["method"], label=cfg["method"]["name"]),
             Stage("evaluate", "evaluate", needs=["train"], label=cfg["method"]["name"])]
 
 
-def run_dir(cfg: dict[str, Any]) -> Path:
+def run_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["output_dir"]) / cfg["run_name"]
 
 
-def inside_ray_job() -> bool:
-    """True in the entrypoint of `ray job submit` (the job supervisor sets this variable)."""
-    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+def initial_artifacts(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The models a run starts from: a given teacher, the checkpoint to evaluate."""
+    out = {}
+    if cfg["teacher"]["checkpoint"]:
+        out["teacher"] = cfg["teacher"]["checkpoint"]
+    if cfg["checkpoint"]:
+        out["checkpoint"] = cfg["checkpoint"]
+    return out
 
 
-def code_runtime_env() -> dict[str, Any]:
-    """Ship this checkout to the cluster: working_dir = repo root, excludes as documented in
-    cluster/runtime_env.yaml (the same file `ray job submit --runtime-env` uses)."""
-    import yaml
+def stage_payload(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str]) -> dict[str, Any]:
+    """What the stage's workers receive besides the config (`config["stage"]` of the worker loops)."""
+    if stage.kind == "evaluate":
+        return {"name": stage.name, "model_path": artifacts[stage.needs[0]],
+                "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
+    kwargs = {"teacher_path": artifacts["teacher"]} if stage.method["name"] == "deacl" else {}
+    identity = {"config_hash": config_hash(cfg), "run_name": cfg["run_name"], "recipe": resolve_recipe(cfg),
+                "stage": stage.name, "method": stage.method["name"]}
+    return {"name": stage.name, "method": stage.method, "method_kwargs": kwargs, "identity": identity}
 
-    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text()) if RUNTIME_ENV_FILE.exists() else {}
-    env = dict(env or {})
-    env["working_dir"] = str(REPO_ROOT)
-    env["env_vars"] = {**WORKER_ENV, **dict(env.get("env_vars") or {})}
-    return env
+
+def finished_stage(stage_dir: Path) -> dict[str, Any] | None:
+    """The record of a finished stage in `stage_dir` (None: not finished)."""
+    done = stage_dir / STAGE_FILE
+    return json.loads(done.read_text()) if done.exists() else None
 
 
-def init_ray(cfg: dict[str, Any]) -> None:
-    """Connect to (or start) Ray.
+def _copy_checkpoint(result: Any, dest: Path) -> None:
+    """The files of a Ray run's final checkpoint into `dest` (each written atomically)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in os.listdir(d):
+            shutil.copy2(os.path.join(d, name), dest / (name + ".tmp"))
+            os.replace(dest / (name + ".tmp"), dest / name)
 
-    - inside `ray job submit`: the job's cluster; code and env come with the job's runtime env;
-    - cluster.address (or RAY_ADDRESS) set: that cluster, shipping this checkout as working_dir;
-    - otherwise: a Ray instance in this process sized for the configured workers.
-    """
-    import ray
 
-    if ray.is_initialized():
-        return
-    cluster = cfg["cluster"]
+def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str], stage_dir: Path, run_name: str,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run `stage` as one Ray Train run unless `stage_dir` records it finished; returns its record:
+    model_path (pretrain), metrics, seconds, ray_path."""
+    info = finished_stage(stage_dir)
+    if info is not None:
+        log(f"[recipe] stage {stage.name}: already complete, reusing {info.get('model_path') or stage_dir}")
+        return info
+    t0 = time.time()
+    log(f"[recipe] stage {stage.name} ({stage.kind}) starting")
+    init_ray(cfg)
+    loop = pretrain_loop if stage.kind == "pretrain" else evaluate_loop
+    result = run_train_stage(cfg, stage_payload(cfg, stage, artifacts), loop, run_name)
+    if result.checkpoint is None and stage.kind == "pretrain":
+        raise RuntimeError(f"the Ray Train run at {result.path} finished without a checkpoint; "
+                           "delete that folder to start the stage again")
+    if result.checkpoint is not None:
+        _copy_checkpoint(result, stage_dir)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    info = {"model_path": str(stage_dir / MODEL_FILE) if stage.kind == "pretrain" else None, "metrics": metrics,
+            "seconds": time.time() - t0, "ray_path": result.path}
+    if stage.kind == "evaluate":
+        info["evaluated"] = artifacts[stage.needs[0]]
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / (STAGE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, stage_dir / STAGE_FILE)
+    log(f"[recipe] stage {stage.name} done in {time.time() - t0:.0f}s")
+    return info
+
+
+def preflight(cfg: Mapping[str, Any]) -> None:
+    """Refuse setups that would lose results or fail after Ray started (nothing started yet)."""
     if inside_ray_job():
-        ray.init(log_to_driver=True)
-        return
-    address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=code_runtime_env())
-        return
-    os.environ.update(WORKER_ENV)
-    needed = int(cluster["num_workers"]) * int(cluster["cpus_per_worker"])
-    # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
-    # address="local": always a fresh instance, never someone else's cluster on this machine.
-    # The setup hook pins RAY_ADDRESS in every worker, so Train's placement-group cleaner talks to
-    # this instance even when other Ray instances run on the same host (tune/ray_env.py).
-    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True, runtime_env=local_runtime_env())
-
-
-def use_gpu(cfg: dict[str, Any]) -> bool:
-    value = cfg["cluster"]["use_gpu"]
-    if value == "auto":
-        import ray
-
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(value)
-
-
-def run_train_stage(cfg: dict[str, Any], stage_dict: dict[str, Any], loop: Callable, run_name: str,
-                    callbacks: list | None = None):
-    """One Ray Train run (TorchTrainer over cluster.num_workers workers); returns its Result.
-
-    Same (storage_path, run_name) as an earlier run: Ray resumes it from its last checkpoint.
-    Raises NonFiniteLossError / RunMismatchError when the workers stopped for those reasons.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from trainer.train_loop import NonFiniteLossError, RunMismatchError
-
-    cluster = cfg["cluster"]
-    gpu = use_gpu(cfg)
-    resources = {"CPU": int(cluster["cpus_per_worker"])}
-    if gpu:
-        resources["GPU"] = float(cluster.get("gpus_per_worker", 1))
-    backend = cluster.get("backend", "auto")
-    if backend == "auto":
-        backend = "nccl" if gpu else "gloo"
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config={"cfg": cfg, "stage": stage_dict},
-        torch_config=TorchConfig(backend=backend, timeout_s=int(cluster.get("timeout_s", 1800))),
-        scaling_config=ScalingConfig(num_workers=int(cluster["num_workers"]), use_gpu=gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=cluster["placement_strategy"]),
-        run_config=RunConfig(name=run_name, storage_path=cluster["storage_path"],
-                             failure_config=FailureConfig(max_failures=int(cluster["max_failures"])),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=int(cluster.get("checkpoints_to_keep", 2))),
-                             callbacks=callbacks or []),
-    )
-    result = trainer.fit()
-    outcome = result.return_value if isinstance(result.return_value, dict) else {}
-    if outcome.get("status") == "nonfinite":
-        last = result.checkpoint.path if result.checkpoint is not None else None
-        err = NonFiniteLossError(f"{outcome['message']} Last good checkpoint: {last}")
-        err.result = result
-        raise err
-    if outcome.get("status") == "mismatch":
-        raise RunMismatchError(outcome["message"])
-    return result
-
-
-def check_run_setup(cfg: dict[str, Any]) -> None:
-    """Refuse setups that would lose results or resume the wrong run (nothing started yet)."""
-    if inside_ray_job():
-        cwd = Path.cwd().resolve()
-        out = Path(cfg["output_dir"]).resolve()
+        cwd, out = Path.cwd().resolve(), Path(cfg["output_dir"]).resolve()
         if out == cwd or cwd in out.parents:
             raise ConfigError(
                 f"output_dir={cfg['output_dir']!r} is inside the job's temporary working_dir ({cwd}): "
                 "results would be lost and the run name would change with every code change; "
                 "set output_dir (and cluster.storage_path) to an absolute path on shared storage")
-    debug = cfg["cluster"].get("debug") or {}
-    for key in ("fail_at_epoch", "nonfinite_at_epoch"):
-        v = debug.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ConfigError(f"cluster.debug.{key}={v!r} is invalid: must be null or an epoch number >= 1")
+    data = cfg["data"]
+    if bundled(data) or data["download"]:
+        return
+    missing = [s for s in data["splits"] if not beton_path(data, s).exists()]
+    if missing and (not data["root"] or not Path(data["root"]).exists()):
+        raise invalid("data.root", data["root"], f"no .beton for split(s) {missing} in {data['beton_dir']} and "
+                      "the dataset root does not exist; set data.root to the dataset folder or data.download=true")
 
 
-def claim_run_dir(cfg: dict[str, Any], out: Path) -> None:
+def claim_run_dir(cfg: Mapping[str, Any], out: Path) -> None:
     """Record the config hash in the run folder; refuse a run folder made by another config."""
-    from trainer.train_loop import RunMismatchError
-
     h = config_hash(cfg)
     marker = out / RUN_FILE
-    previous = None
-    if marker.exists():
-        previous = json.loads(marker.read_text()).get("config_hash")
-    elif (out / "config.json").exists():  # a run folder written before run.json existed
-        previous = config_hash(json.loads((out / "config.json").read_text()))
+    previous = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
     if previous is not None and previous != h:
         raise RunMismatchError(
             f"run folder {out} belongs to a run with config hash {previous}, but this config hashes to {h} "
@@ -206,151 +171,23 @@ def claim_run_dir(cfg: dict[str, Any], out: Path) -> None:
         os.replace(tmp, marker)
 
 
-def _copy_final_model(result, dest: Path) -> Path:
-    if result.checkpoint is None:
-        raise RuntimeError(f"the Ray Train run at {result.path} finished without a checkpoint; "
-                           "delete that folder to start the stage again")
-    dest.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        for name in os.listdir(d):
-            shutil.copy2(os.path.join(d, name), dest / (name + ".tmp"))
-            os.replace(dest / (name + ".tmp"), dest / name)
-    return dest / MODEL_FILE
-
-
-def run_recipe(cfg: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_recipe(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage of the configured recipe; write results.json/csv; return the results."""
-    from data_pipeline.write import ensure_betons
-    from trainer.evaluation.protocols import evaluate_loop
-    from trainer.train_loop import pretrain_loop
-
     out = run_dir(cfg)
-    check_run_setup(cfg)
+    preflight(cfg)
     claim_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
-    init_ray(cfg)
-    artifacts: dict[str, str] = {}
-    if cfg["teacher"].get("checkpoint"):
-        artifacts["teacher"] = cfg["teacher"]["checkpoint"]
-    if cfg.get("checkpoint"):
-        artifacts["checkpoint"] = str(Path(cfg["checkpoint"]).absolute())
+    artifacts = initial_artifacts(cfg)
     evaluations: dict[str, dict[str, float]] = {}
     t_start = time.time()
     for stage in plan(cfg):
-        stage_out = out / stage.name
-        done = stage_out / "stage.json"
-        if done.exists():
-            info = json.loads(done.read_text())
-            log(f"[recipe] stage {stage.name}: already complete, reusing {info.get('model_path', stage_out)}")
-            if info.get("model_path"):
-                artifacts[stage.name] = info["model_path"]
-            if info.get("metrics") and stage.kind == "evaluate":
-                evaluations[stage.label] = info["metrics"]
-            continue
-        t0 = time.time()
-        log(f"[recipe] stage {stage.name} ({stage.kind}) starting")
-        if stage.kind == "pretrain":
-            kwargs = {}
-            if stage.method["name"] == "deacl":
-                kwargs["teacher_path"] = artifacts["teacher"]
-            stage_dict = {"name": stage.name, "method": stage.method, "method_kwargs": kwargs}
-            result = run_train_stage(cfg, stage_dict, pretrain_loop, f"{cfg['run_name']}-{stage.name}")
-            model_path = _copy_final_model(result, stage_out)
-            artifacts[stage.name] = str(model_path)
-            info = {"model_path": str(model_path), "metrics": result.metrics,
-                    "seconds": time.time() - t0, "ray_path": result.path}
-        else:
-            stage_dict = {"name": stage.name, "model_path": artifacts[stage.needs[0]],
-                          "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
-            result = run_train_stage(cfg, stage_dict, evaluate_loop, f"{cfg['run_name']}-{stage.name}")
-            _copy_final_model_dir(result, stage_out)
-            metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-            evaluations[stage.label] = metrics
-            info = {"model_path": None, "evaluated": stage_dict["model_path"], "metrics": metrics,
-                    "seconds": time.time() - t0, "ray_path": result.path}
-        stage_out.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(info, indent=2, default=str))
-        log(f"[recipe] stage {stage.name} done in {time.time() - t0:.0f}s")
+        info = run_stage(cfg, stage, artifacts, out / stage.name, f"{cfg['run_name']}-{stage.name}", log=log)
+        if info.get("model_path"):
+            artifacts[stage.name] = info["model_path"]
+        if stage.kind == "evaluate":
+            evaluations[stage.label] = info["metrics"]
     results = {"run_name": cfg["run_name"], "run_dir": str(out), "artifacts": artifacts,
                "evaluations": evaluations, "seconds": time.time() - t_start}
     write_results(out, results, cfg)
     return results
-
-
-def _copy_final_model_dir(result, dest: Path) -> None:
-    if result.checkpoint is not None:
-        _copy_final_model(result, dest)
-
-
-def results_rows(evaluations: dict[str, dict[str, float]], protocols: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for label, m in evaluations.items():
-        for p in protocols:
-            if f"{p}_sa" not in m:
-                continue
-            rows.append({"model": label, "protocol": p.upper(), "SA": 100 * m[f"{p}_sa"],
-                         "RA_PGD": 100 * m[f"{p}_ra"],
-                         "AA": 100 * m[f"{p}_aa"] if f"{p}_aa" in m else None,
-                         "AA_n": int(m[f"{p}_aa_n"]) if f"{p}_aa_n" in m else None,
-                         "n_test": int(m.get(f"{p}_n_test", 0))})
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
-    head = f"{'model':<12}{'protocol':<10}{'SA':>8}{f'RA(PGD-{pgd_steps})':>14}{'AA':>8}{'AA n':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        aa = f"{r['AA']:8.2f}" if r["AA"] is not None else f"{'-':>8}"
-        lines.append(f"{r['model']:<12}{r['protocol']:<10}{r['SA']:8.2f}{r['RA_PGD']:14.2f}{aa}"
-                     f"{(r['AA_n'] or 0):7d}")
-    return "\n".join(lines)
-
-
-def paper_rows(rows: list[dict[str, Any]], protocols: list[str]) -> list[dict[str, Any]]:
-    """One row per model with SA / RA / AA per protocol (the papers' table layout)."""
-    wide: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        w = wide.setdefault(r["model"], {"model": r["model"]})
-        p = r["protocol"]
-        w[f"{p}_SA"], w[f"{p}_RA"], w[f"{p}_AA"] = r["SA"], r["RA_PGD"], r["AA"]
-    cols = ["model"] + [f"{p.upper()}_{m}" for p in protocols for m in ("SA", "RA", "AA")]
-    return [{c: w.get(c) for c in cols} for w in wide.values()]
-
-
-def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_steps: int) -> str:
-    """Models as rows, protocols as column groups of SA / RA (PGD-n) / AA, in percent."""
-    protocols = [p for p in protocols if any(r["protocol"] == p.upper() for r in rows)]
-    wide = paper_rows(rows, protocols)
-    name_w = max([12] + [len(str(w["model"])) + 2 for w in wide])
-    group_w = 3 * 8
-    top = " " * name_w + "".join(f"{p.upper():^{group_w}}|" for p in protocols)
-    sub = f"{'model':<{name_w}}" + "".join(f"{'SA':>8}{'RA':>8}{'AA':>8}|" for _ in protocols)
-    lines = [top, sub, "-" * len(sub)]
-    for w in wide:
-        cells = []
-        for p in protocols:
-            for m in ("SA", "RA", "AA"):
-                v = w[f"{p.upper()}_{m}"]
-                cells.append(f"{v:8.2f}" if v is not None else f"{'-':>8}")
-            cells.append("|")
-        lines.append(f"{str(w['model']):<{name_w}}" + "".join(cells))
-    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy (full test split), "
-                 "AA: AutoAttack robust accuracy (subset, see AA_n in the CSV); all in %.")
-    return "\n".join(lines)
-
-
-def write_results(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> None:
-    rows = results_rows(results["evaluations"], list(cfg["eval"]["protocols"]))
-    results["table"] = rows
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "protocol", "SA", "RA_PGD", "AA", "AA_n", "n_test"])
-        w.writeheader()
-        w.writerows(rows)
-    # The same numbers in the papers' layout: one row per model, SA / RA / AA per protocol.
-    wide = paper_rows(rows, list(cfg["eval"]["protocols"]))
-    with open(out / "results_paper.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(wide[0]) if wide else ["model"])
-        w.writeheader()
-        w.writerows(wide)

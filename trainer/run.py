@@ -3,36 +3,35 @@
     python -m trainer.run                                  # embedded default (digits, CPU, minutes)
     python -m trainer.run preset=deacl_cifar10 cluster=ray # the paper's recipe on a cluster
     python -m trainer.run --cfg                            # print the composed config and exit
+    python -m trainer.run --help attack                    # the keys of one config section
 """
 from __future__ import annotations
 
 import json
-import sys
 
-from trainer.config import ConfigError, compose, split_cli
+from conf import compose
+from conf.cli import CommandLine, cli_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    cli = split_cli(argv, __doc__)
-    if cli is None:
-        return 0
-    args, show_cfg = cli
-    try:
-        cfg = compose(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if show_cfg:
+def run(cl: CommandLine) -> int:
+    cfg = compose(cl.overrides)
+    if cl.show_cfg:
         print(json.dumps(cfg, indent=2))
         return 0
-    from trainer.recipes import format_table, run_recipe
+    from trainer.recipes import preflight, run_recipe
+    from trainer.results import format_table
 
+    preflight(cfg)
     results = run_recipe(cfg)
     print()
     print(format_table(results["table"], int(cfg["eval"]["pgd"]["steps"])))
     print(f"\nresults: {results['run_dir']}/results.json  (csv beside it); models: "
           + ", ".join(f"{k}={v}" for k, v in results["artifacts"].items()))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(__doc__, argv, run)
 
 
 if __name__ == "__main__":

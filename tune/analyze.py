@@ -41,23 +41,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _trial_statuses(sweep: Path) -> dict[str, str]:
-    states = sorted(sweep.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    out = {}
+def trial_statuses(sweep: str | Path) -> dict[str, str]:
+    """trial id -> Tune status (TERMINATED, ERROR, RUNNING, PENDING, ...) from the sweep's newest
+    experiment state, through Tune's public ExperimentAnalysis; {} before Tune saved any state."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
-        data = json.loads(states[-1].read_text())
-    except (OSError, json.JSONDecodeError):
+        trials = ExperimentAnalysis(str(sweep)).trials
+    except (ValueError, FileNotFoundError, OSError):  # no experiment state yet
         return {}
-    for item in data.get("trial_data", []):
-        state = item[0] if isinstance(item, list) else item
-        try:
-            st = json.loads(state) if isinstance(state, str) else state
-        except json.JSONDecodeError:
-            continue
-        out[st.get("trial_id")] = st.get("status")
-    return out
+    return {t.trial_id: t.status for t in trials}
 
 
 def _effective(params: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +77,7 @@ def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
     meta = json.loads((sweep / SWEEP_FILE).read_text()) if (sweep / SWEEP_FILE).exists() else {}
     metric, mode = meta.get("metric", "objective"), meta.get("mode", "max")
     space = meta.get("space", {})
-    statuses = _trial_statuses(sweep)
+    statuses = trial_statuses(sweep)
     trials = []
     for d in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "params.json").exists()):
         params = json.loads((d / "params.json").read_text())

@@ -32,12 +32,12 @@ import copy
 import csv
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from trainer.config import METHODS, ConfigError, compose, split_cli
+from conf import ConfigError, compose
+from conf.cli import CommandLine, cli_main
 
 SCENARIOS: dict[str, tuple[str, str]] = {  # scenario -> (pre-training, evaluation protocol)
     "ST": ("standard", "slf"),
@@ -75,25 +75,16 @@ def compose_study(overrides: list[str]) -> dict[str, Any]:
     study_ov, analysis_ov, trial_ov = split_overrides(list(overrides))
     base = compose(["+study=default", *trial_ov, *study_ov])
     s = base.pop("study")
-    schemes = s.get("schemes") or {}
-    run = list(s.get("run") or [])
+    schemes, run = s["schemes"], list(s["run"])
     if not run:
         raise ConfigError(f"study.run={run!r} is invalid: allowed: a non-empty list of {', '.join(schemes)}")
     for name in run:
         if name not in schemes:
             raise ConfigError(f"study.run contains {name!r}: allowed: {', '.join(schemes)}")
-        sch = schemes[name]
-        if sch.get("method") not in METHODS:
-            raise ConfigError(f"study.schemes.{name}.method={sch.get('method')!r} is invalid: "
-                              f"allowed: {', '.join(METHODS)}")
-        for kind in PRETRAININGS:
-            if not isinstance(sch.get(kind), Mapping):
-                raise ConfigError(f"study.schemes.{name}.{kind}={sch.get(kind)!r} is invalid: "
-                                  "allowed: a mapping of method keys")
-    extra = [str(o) for o in (s.get("overrides") or [])]
+    extra = [str(o) for o in s["overrides"]]
     key = json.dumps({"schemes": {n: schemes[n] for n in run}, "trial_overrides": trial_ov, "extra": extra},
                      sort_keys=True)
-    name = s.get("name") or f"study-{base['data']['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    name = s["name"] or f"study-{base['data']['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     study_dir = Path(base["output_dir"]) / name
     shared = [f"output_dir={study_dir / 'runs'}", f"data.beton_dir={base['data']['beton_dir']}",
               f"cluster.storage_path={study_dir / 'ray_results'}"]
@@ -111,8 +102,8 @@ def compose_study(overrides: list[str]) -> dict[str, Any]:
             trials[f"{scheme}-{kind}"] = cfg
     analysis_cfg = compose(["+analysis=default", *trial_ov, *analysis_ov, *shared])
     return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run},
-            "trials": trials, "analysis_cfg": analysis_cfg, "cka": bool(s.get("cka", True)),
-            "max_concurrent_trials": s.get("max_concurrent_trials"), "base": base,
+            "trials": trials, "analysis_cfg": analysis_cfg, "cka": s["cka"],
+            "max_concurrent_trials": s["max_concurrent_trials"], "base": base,
             "overrides": list(overrides)}
 
 
@@ -136,12 +127,14 @@ def run_study(study: dict[str, Any], log: Callable[[str], None] = print) -> dict
     from ray import tune
 
     from data_pipeline.write import ensure_betons
-    from trainer.recipes import run_dir, use_gpu
+    from trainer.launch import use_gpu
+    from trainer.recipes import preflight, run_dir
     from tune.search import init_ray_for_sweep, max_concurrent, per_trial_resources
 
     out = Path(study["dir"])
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(study["trials"].values()))
+    preflight(first)
     ensure_betons(first["data"], list(first["data"]["splits"]), log=log)
     init_ray_for_sweep(first)
     gpu = use_gpu(first)
@@ -303,17 +296,9 @@ def plot_same_layer(out: Path, curves: Mapping[str, tuple[list[str], list[float]
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    cli = split_cli(argv, __doc__)
-    if cli is None:
-        return 0
-    args, show = cli
-    try:
-        study = compose_study(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if show:
+def study_command(cl: CommandLine) -> int:
+    study = compose_study(cl.overrides)
+    if cl.show_cfg:
         plan = {"dir": study["dir"], "trials": {k: {"method": c["method"]["name"],
                                                     **{m: c["method"].get(m) for m in ("loss", "use_labels", "adversarial")},
                                                     "run_name": c["run_name"]} for k, c in study["trials"].items()},
@@ -323,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_study(copy.deepcopy(study))
     print(f"[study] table: {summary['dir']}/study_table.csv; figures:\n  " + "\n  ".join(summary["figures"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(__doc__, argv, study_command)
 
 
 if __name__ == "__main__":

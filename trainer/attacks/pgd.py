@@ -13,8 +13,8 @@ compiled backward from computing weight gradients).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -41,6 +41,13 @@ class PGDConfig:
             raise ValueError(f"attack norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.start not in ("uniform", "normal"):
             raise ValueError(f"attack start must be 'uniform' or 'normal', got {self.start!r}")
+
+
+def pgd_config(section: Mapping[str, Any], **changes: Any) -> PGDConfig:
+    """The engine's settings from an attack-shaped config section (attack, eval.pgd, monitor.val_attack)."""
+    cfg = PGDConfig(eps=float(section["eps"]), alpha=float(section["alpha"]), steps=int(section["steps"]),
+                    norm=section["norm"])
+    return replace(cfg, **changes) if changes else cfg
 
 
 @contextlib.contextmanager

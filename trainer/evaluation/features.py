@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.losses import gather_plain
+from trainer.distributed import gather_plain
 
 
 @torch.no_grad()

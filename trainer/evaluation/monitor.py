@@ -6,8 +6,8 @@ Every `monitor.robust_every` epochs (and at the last epoch):
    probe on every rank (rank 0's weights are broadcast);
 3. clean and PGD accuracy of encoder + probe on the held-out *val* split (never the test set),
    under the FIXED attack `monitor.val_attack` (8/255 L-inf by default): it does not follow the
-   training attack, which a sweep may search over. The PGD is the project's engine
-   (`trainer.attacks.pgd_attack` on `trainer.adversarial_training.ce_objective`).
+   training attack, which a sweep may search over. The counting is the evaluation's own
+   (`trainer.evaluation.robustness.clean_and_pgd_counts`).
 
 Reported: `val_clean_acc`, `val_robust_acc` and `objective` (`tune.objective`: robust | clean |
 weighted = w * robust + (1 - w) * clean with w = `tune.objective_weight`).
@@ -19,48 +19,39 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from trainer.adversarial_training import ce_objective
-from trainer.attacks import network_mode, pgd_attack
+from data_pipeline.loaders import build_loader
+from data_pipeline.write import beton_path
+from trainer.attacks import pgd_config
+from trainer.distributed import WorkerContext, all_reduce_sum
 from trainer.evaluation.features import extract_features
 from trainer.evaluation.probes import LinearProbe, ProbedClassifier, fit_linear_probe
-from trainer.evaluation.robustness import pgd_config
+from trainer.evaluation.robustness import clean_and_pgd_counts
 
-OBJECTIVES = ("robust", "clean", "weighted")
-
-
-def objective_value(clean: float, robust: float, tune_cfg: Mapping[str, Any] | None) -> float:
-    tune_cfg = tune_cfg or {}
-    kind = tune_cfg.get("objective", "robust")
+def objective_value(clean: float, robust: float, tune_cfg: Mapping[str, Any]) -> float:
+    """`tune.objective` of the val accuracies: robust | clean | w * robust + (1 - w) * clean."""
+    kind = tune_cfg["objective"]
     if kind == "robust":
         return robust
     if kind == "clean":
         return clean
-    if kind == "weighted":
-        w = float(tune_cfg.get("objective_weight", 0.5))
-        return w * robust + (1.0 - w) * clean
-    raise ValueError(f"tune.objective={kind!r} is invalid: allowed: {', '.join(OBJECTIVES)}")
+    w = float(tune_cfg["objective_weight"])
+    return w * robust + (1.0 - w) * clean
 
 
 class ValMonitor:
     """Built once per stage on every rank; `monitor(encoder)` returns the metrics to report."""
 
-    def __init__(self, cfg: Mapping[str, Any], per_rank_batch: int, ctx) -> None:
-        from data_pipeline.loaders import build_loader
-        from data_pipeline.write import beton_path
-
+    def __init__(self, cfg: Mapping[str, Any], per_rank_batch: int, ctx: WorkerContext) -> None:
         mon, data = cfg["monitor"], cfg["data"]
-        if "val" not in data["splits"]:
-            raise ValueError("monitor.robust_every > 0 needs a held-out val split (data.val_fraction > 0 and "
-                             "'val' in data.splits); the test split is never used for model selection")
         self.ctx = ctx
         self.every = int(mon["robust_every"])
         self.attack = pgd_config(mon["val_attack"])
-        self.probe_steps = int(mon.get("probe_steps", 100))
-        self.probe_wd = float(mon.get("probe_weight_decay", 1e-3))
-        cap = mon.get("val_max_examples")
-        self.per_rank_cap = None if cap in (None, 0) else -(-int(cap) // ctx.world_size)
+        self.probe_steps = int(mon["probe_steps"])
+        self.probe_wd = float(mon["probe_weight_decay"])
+        cap = mon["val_max_examples"]
+        self.per_rank_cap = None if cap is None else -(-int(cap) // ctx.world_size)
         self.num_classes = int(data["num_classes"])
-        self.tune_cfg = cfg.get("tune") or {}
+        self.tune_cfg = cfg["tune"]
         self.train_loader, self.val_loader = (
             build_loader(str(beton_path(data, s)), "eval", per_rank_batch, ctx.device, ctx.num_threads,
                          train=False, distributed=ctx.distributed, drop_last=False) for s in ("train", "val"))
@@ -78,36 +69,21 @@ class ValMonitor:
 
     @torch.no_grad()
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        from trainer.runtime import all_reduce_sum
-
         feats, labels = extract_features(encoder, self.train_loader)
         probe = fit_linear_probe(feats, labels, self.num_classes, weight_decay=self.probe_wd,
                                  max_iter=self.probe_steps)
         self._broadcast(probe)
-        model = ProbedClassifier(encoder, probe)
-        clean = robust = total = 0
-        with network_mode([model], train=False):
-            for batch in self.val_loader:  # read every batch (FFCV epochs must run to the end)
-                x, y = batch["views"][0], batch["label"]
-                if self.per_rank_cap is not None:
-                    room = self.per_rank_cap - total
-                    if room <= 0:
-                        continue
-                    x, y = x[:room], y[:room]
-                clean += (model(x).argmax(1) == y).sum().item()
-                x_adv = pgd_attack(x, ce_objective(model, y), self.attack)
-                robust += (model(x_adv).argmax(1) == y).sum().item()
-                total += y.shape[0]
-        counts = all_reduce_sum({"clean": clean, "robust": robust, "total": total}, self.ctx)
-        n = max(counts["total"], 1.0)
-        out = {"val_clean_acc": counts["clean"] / n, "val_robust_acc": counts["robust"] / n,
-               "val_n": counts["total"]}
+        counts = clean_and_pgd_counts(ProbedClassifier(encoder, probe), self.val_loader, self.attack,
+                                      max_examples=self.per_rank_cap)
+        total = all_reduce_sum(counts.counts(), self.ctx)
+        n = max(total["total"], 1.0)
+        out = {"val_clean_acc": total["clean"] / n, "val_robust_acc": total["robust"] / n, "val_n": total["total"]}
         out["objective"] = objective_value(out["val_clean_acc"], out["val_robust_acc"], self.tune_cfg)
         return out
 
 
-def build_val_monitor(cfg: Mapping[str, Any], per_rank_batch: int, ctx) -> ValMonitor | None:
+def build_val_monitor(cfg: Mapping[str, Any], per_rank_batch: int, ctx: WorkerContext) -> ValMonitor | None:
     """None when `monitor.robust_every` is 0 (the default outside sweeps)."""
-    if int((cfg.get("monitor") or {}).get("robust_every", 0) or 0) <= 0:
+    if cfg["monitor"]["robust_every"] <= 0:
         return None
     return ValMonitor(cfg, per_rank_batch, ctx)

@@ -8,18 +8,16 @@ training features' mean and std, L2-regularised, fitted full-batch with L-BFGS).
 - `adv_trained` (optional): probe fitted on adversarial training features, accuracy on
   adversarial test features (how much robust, linearly decodable information the layer holds).
 Adversarial examples come from the project's PGD engine against a given classifier
-(`adversarial_examples`), never from a second implementation.
+(`trainer.evaluation.robustness.clean_and_pgd_counts`), never from a second implementation.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adversarial_training import ce_objective
-from trainer.attacks import PGDConfig, network_mode, pgd_attack
 
 
 class LinearProbe(nn.Module):
@@ -77,19 +75,6 @@ class ProbedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probe(self.encoder(x))
-
-
-def adversarial_examples(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                         attack: PGDConfig, batch_size: int = 256,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """PGD (our engine, CE objective, classifier in eval mode) on x [n, 3, H, W]; returns CPU x_adv."""
-    modules = [classifier] if isinstance(classifier, nn.Module) else []
-    out = []
-    with network_mode(modules, train=False):
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            xb, yb = xb.to(device).contiguous(), yb.to(device)
-            out.append(pgd_attack(xb, ce_objective(classifier, yb), attack).cpu())
-    return torch.cat(out)
 
 
 def layer_probes(train: Sequence[torch.Tensor], train_y: torch.Tensor, test: Sequence[torch.Tensor],

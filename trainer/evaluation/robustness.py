@@ -1,7 +1,8 @@
-"""Reporting attacks: clean accuracy, PGD-20 (our engine) and AutoAttack (torchattacks)."""
+"""Reporting attacks: the one clean + PGD counter (our engine) and AutoAttack (torchattacks)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -10,24 +11,52 @@ from trainer.adversarial_training import ce_objective
 from trainer.attacks import PGDConfig, network_mode, pgd_attack
 
 
-def pgd_config(eval_pgd: Mapping[str, Any]) -> PGDConfig:
-    return PGDConfig(eps=float(eval_pgd["eps"]), alpha=float(eval_pgd["alpha"]), steps=int(eval_pgd["steps"]),
-                     norm=eval_pgd.get("norm", "linf"))
+@dataclass
+class RobustCounts:
+    """Correct predictions on clean and PGD inputs (and, if kept, the adversarial images)."""
+
+    clean: int = 0
+    robust: int = 0
+    total: int = 0
+    adversarial: list[torch.Tensor] = field(default_factory=list)
+
+    def counts(self) -> dict[str, float]:
+        return {"clean": self.clean, "robust": self.robust, "total": self.total}
 
 
-def clean_and_pgd_counts(model: nn.Module, loader: Iterable, attack: PGDConfig) -> dict[str, float]:
-    """Correct counts on clean and PGD inputs over this rank's batches (model in eval mode)."""
-    clean = robust = total = 0
+def as_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a loader batch dict or of an (x, y) pair."""
+    if isinstance(batch, dict):
+        return batch["views"][0], batch["label"]
+    return batch[0], batch[1]
+
+
+def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDConfig,
+                         max_examples: int | None = None, keep_adversarial: bool = False) -> RobustCounts:
+    """Count correct predictions of `model` (eval mode) on clean and PGD (CE) inputs.
+
+    `batches`: loader batches or (x, y) pairs on the model's device. `max_examples` caps how many
+    images are attacked; later batches are still read to the end (an FFCV epoch must finish).
+    `keep_adversarial`: also keep the adversarial images (on the CPU, in order).
+    """
+    out = RobustCounts()
     with network_mode([model], train=False):
-        for batch in loader:
-            x, y = batch["views"][0], batch["label"]
+        for batch in batches:
+            x, y = as_xy(batch)
+            if max_examples is not None:
+                room = max_examples - out.total
+                if room <= 0:
+                    continue
+                x, y = x[:room], y[:room]
             with torch.no_grad():
-                clean += (model(x).argmax(1) == y).sum().item()
+                out.clean += int((model(x).argmax(1) == y).sum())
             x_adv = pgd_attack(x, ce_objective(model, y), attack)
             with torch.no_grad():
-                robust += (model(x_adv).argmax(1) == y).sum().item()
-            total += y.shape[0]
-    return {"clean_correct": clean, "pgd_correct": robust, "total": total}
+                out.robust += int((model(x_adv).argmax(1) == y).sum())
+            out.total += int(y.shape[0])
+            if keep_adversarial:
+                out.adversarial.append(x_adv.cpu())
+    return out
 
 
 def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,

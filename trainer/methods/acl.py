@@ -29,8 +29,6 @@ from trainer.methods.base import Method, register_method
 from trainer.models import Encoder
 from trainer.models.dual_bn import DualBatchNorm, bn_route, convert_dual_bn_to_single
 
-VARIANTS = ("a2a", "a2s", "ds")
-
 
 class _Streams(nn.Module):
     """Projections of a clean batch through the `normal` BN set and an adversarial batch through
@@ -56,17 +54,14 @@ class _Streams(nn.Module):
 class ACL(Method):
     views = "two_view"
     uses_dual_bn = True  # per instance: False for A2A (and A2S with a2s_dual_bn=false)
-    is_adversarial = True
 
     def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
-        self.variant = str(method_cfg.get("variant", "ds"))
-        self.uses_dual_bn = self.variant == "ds" or (self.variant == "a2s"
-                                                     and bool(method_cfg.get("a2s_dual_bn", True)))
+        self.variant = method_cfg["variant"]
+        self.uses_dual_bn = self.variant == "ds" or (self.variant == "a2s" and method_cfg["a2s_dual_bn"])
         super().__init__(cfg, method_cfg, device)
-        self.temperature = float(method_cfg.get("temperature", 0.5))
-        w = method_cfg.get("stream_weights", [0.5, 0.5])
-        self.w_normal, self.w_pgd = float(w[0]), float(w[1])
-        self.attack_train_mode = bool(method_cfg.get("attack_train_mode", False))
+        self.temperature = float(method_cfg["temperature"])
+        self.w_normal, self.w_pgd = (float(w) for w in method_cfg["stream_weights"])
+        self.attack_train_mode = bool(method_cfg["attack_train_mode"])
         self.streams = _Streams(self.encoder)
         self.net = self.streams
         # Outside training steps (kNN monitor, direct calls) the encoder uses the `pgd` BN set,
@@ -74,26 +69,6 @@ class ACL(Method):
         for m in self.encoder.modules():
             if isinstance(m, DualBatchNorm):
                 m.route = "pgd"
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        from trainer.config import ConfigError
-
-        v = method_cfg.get("variant", "ds")
-        if v not in VARIANTS:
-            raise ConfigError(f"{prefix}.variant={v!r} is invalid: allowed: {', '.join(VARIANTS)}")
-        t = method_cfg.get("temperature", 0.5)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise ConfigError(f"{prefix}.temperature={t!r} is invalid: allowed: a number > 0")
-        w = method_cfg.get("stream_weights", [0.5, 0.5])
-        if (not isinstance(w, (list, tuple)) or len(w) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in w)
-                or sum(w) <= 0):
-            raise ConfigError(f"{prefix}.stream_weights={w!r} is invalid: allowed: [normal, pgd], "
-                              "two numbers >= 0, not both 0")
-        for key in ("attack_train_mode", "a2s_dual_bn"):
-            if key in method_cfg and not isinstance(method_cfg[key], bool):
-                raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
 
     def parallelize(self, wrap) -> None:
         self.net = wrap(self.streams)

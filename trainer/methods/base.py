@@ -5,7 +5,7 @@ The worker wraps the encoder for DDP with `parallelize`; the training forward go
 `self.net` (the DDP wrapper, so gradients are all-reduced), attacks through `self.encoder`
 (no parameter gradients are needed, so no DDP bookkeeping).
 
-Speed knobs the worker applies through this interface (trainer/step.py): `to_channels_last`,
+Speed knobs the worker applies through this interface (trainer/worker/step.py): `to_channels_last`,
 `compile` (both cover frozen helpers such as DeACL's teacher) and `attack_mode` (eval/train
 mode for the attack plus, with `freeze_params_in_attack`, no parameter autograd at all).
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
-from trainer.attacks import PGDConfig, frozen_parameters, network_mode
+from trainer.attacks import frozen_parameters, network_mode, pgd_config
 from trainer.models import Encoder, build_encoder
 
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
@@ -38,17 +38,15 @@ class Method(abc.ABC):
     views: ClassVar[str] = "two_view"
     uses_dual_bn: ClassVar[bool] = False
     needs_projector: ClassVar[bool] = True
-    is_adversarial: ClassVar[bool] = False
 
     def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
         self.cfg = cfg
         self.mcfg = method_cfg
         self.device = device
-        self.attack = PGDConfig(eps=float(cfg["attack"]["eps"]), alpha=float(cfg["attack"]["alpha"]),
-                                steps=int(cfg["attack"]["steps"]), norm=cfg["attack"].get("norm", "linf"))
+        self.attack = pgd_config(cfg["attack"])
         # Contrastive attack objectives: negatives from every rank, so that N workers x B/N craft
         # the same adversarial examples as 1 worker x B (the references attack the whole batch).
-        self.attack_gather = bool(cfg["attack"].get("gather_negatives", True))
+        self.attack_gather = bool(cfg["attack"]["gather_negatives"])
         self.encoder: Encoder = build_encoder(cfg["model"], cfg["data"]["stats"],
                                               with_projector=self.needs_projector,
                                               dual_bn=self.uses_dual_bn).to(device)
@@ -56,12 +54,8 @@ class Method(abc.ABC):
         # auto: only under torch.compile, where the compiled backward would otherwise compute every
         # weight gradient (measured: 15% slower); eager autograd already skips weight-gradient
         # kernels for autograd.grad w.r.t. the input, and freezing measured no difference there.
-        freeze = cfg.get("freeze_params_in_attack", "auto")
-        self.freeze_params_in_attack = bool(cfg.get("compile")) if freeze == "auto" else bool(freeze)
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        """Raise trainer.config.ConfigError for method-specific bad values."""
+        freeze = cfg["freeze_params_in_attack"]
+        self.freeze_params_in_attack = bool(cfg["compile"]) if freeze == "auto" else bool(freeze)
 
     def parallelize(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         self.net = wrap(self.encoder)

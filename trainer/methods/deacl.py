@@ -22,7 +22,6 @@ from trainer.methods.base import Method, register_method
 class DeACL(Method):
     views = "weak"
     needs_projector = False
-    is_adversarial = True
 
     def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device,
                  teacher_path: str | None = None) -> None:
@@ -33,18 +32,10 @@ class DeACL(Method):
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        if method_cfg.get("init_from_teacher", True):
+        if method_cfg["init_from_teacher"]:
             missing, unexpected = self.encoder.load_state_dict(self.teacher.state_dict(), strict=False)
             if missing:
                 raise ValueError(f"teacher checkpoint does not fit the student model: missing {missing[:5]}")
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        from trainer.config import ConfigError
-
-        lam = method_cfg.get("lam")
-        if not isinstance(lam, (int, float)) or lam < 0:
-            raise ConfigError(f"{prefix}.lam={lam!r} is invalid: must be a number >= 0")
 
     def train(self) -> None:
         self.encoder.train()

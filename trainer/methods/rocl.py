@@ -24,26 +24,13 @@ from trainer.methods.base import Method, register_method
 @register_method("rocl")
 class RoCL(Method):
     views = "three_view"
-    is_adversarial = True
 
     def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
         super().__init__(cfg, method_cfg, device)
-        self.temperature = float(method_cfg.get("temperature", 0.5))
-        self.lam = float(method_cfg.get("lam", 256.0))
-        self.detach_right = bool(method_cfg.get("detach_right", True))
-        self.sum_positives = bool(method_cfg.get("sum_positives", True))
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        from trainer.config import ConfigError
-
-        for key, default in (("temperature", 0.5), ("lam", 256.0)):
-            v = method_cfg.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"{prefix}.{key}={v!r} is invalid: allowed: a number > 0")
-        for key in ("detach_right", "sum_positives"):
-            if key in method_cfg and not isinstance(method_cfg[key], bool):
-                raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
+        self.temperature = float(method_cfg["temperature"])
+        self.lam = float(method_cfg["lam"])
+        self.detach_right = bool(method_cfg["detach_right"])
+        self.sum_positives = bool(method_cfg["sum_positives"])
 
     def make_adversarial(self, x_t: torch.Tensor, x_t2: torch.Tensor) -> torch.Tensor:
         """t(x)_adv: t(x) perturbed to maximise NT-Xent(t(x)_adv, t'(x)) (eval mode; negatives from every rank)."""

@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020): NT-Xent between two augmented views, negatives from all ranks."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -12,14 +12,6 @@ from trainer.methods.base import Method, register_method
 @register_method("simclr")
 class SimCLR(Method):
     views = "two_view"
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        from trainer.config import ConfigError
-
-        t = method_cfg.get("temperature")
-        if not isinstance(t, (int, float)) or t <= 0:
-            raise ConfigError(f"{prefix}.temperature={t!r} is invalid: must be a number > 0")
 
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1, x2 = batch["views"]

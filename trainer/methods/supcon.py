@@ -24,25 +24,10 @@ class SupCon(Method):
 
     def __init__(self, cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], device: torch.device) -> None:
         super().__init__(cfg, method_cfg, device)
-        self.temperature = float(method_cfg.get("temperature", 0.07))
-        self.use_labels = bool(method_cfg.get("use_labels", True))
-        self.adversarial = bool(method_cfg.get("adversarial", False))
-        self.adv_weight = float(method_cfg.get("adv_weight", 1.0))
-        self.is_adversarial = self.adversarial
-
-    @classmethod
-    def validate_config(cls, method_cfg: Mapping[str, Any], prefix: str) -> None:
-        from trainer.config import ConfigError
-
-        t = method_cfg.get("temperature", 0.07)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise ConfigError(f"{prefix}.temperature={t!r} is invalid: allowed: a number > 0")
-        w = method_cfg.get("adv_weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"{prefix}.adv_weight={w!r} is invalid: allowed: a number >= 0")
-        for key in ("use_labels", "adversarial"):
-            if key in method_cfg and not isinstance(method_cfg[key], bool):
-                raise ConfigError(f"{prefix}.{key}={method_cfg[key]!r} is invalid: allowed: true, false")
+        self.temperature = float(method_cfg["temperature"])
+        self.use_labels = bool(method_cfg["use_labels"])
+        self.adversarial = bool(method_cfg["adversarial"])
+        self.adv_weight = float(method_cfg["adv_weight"])
 
     def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
         return batch["label"] if self.use_labels else None

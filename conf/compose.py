@@ -1,0 +1,179 @@
+"""Compose the Hydra config from conf/ and validate it against the schema, before anything starts.
+
+    compose(overrides) -> dict   # Hydra composition -> resolved dict -> schema -> paths -> rules
+    validate(cfg) -> dict        # schema + rules on an already composed dict (a Tune trial's)
+
+The dict returned is plain (what Ray workers receive), with every key of the schema present.
+The schema's defaults are registered in Hydra's ConfigStore under `_schema` (root and each group;
+`<group>/_schema_<name>` for methods), so YAML options only hold what they change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from conf import schema
+from conf.errors import ConfigError, from_validation_error, invalid, schema_keys, unknown_key
+from conf.rules import check_rules
+
+CONF_DIR = Path(__file__).resolve().parent
+# Keys that do not change what a run computes: kept out of its identity (config_hash).
+NOT_IN_HASH = ("cluster", "run_name", "output_dir", "tune")
+_OPTIONAL_SECTIONS = {"study": schema.Study, "analysis": schema.Analysis}
+_registered = False
+
+
+def defaults_tree(model: type[BaseModel], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The schema's defaults as a Hydra node: required keys are '???' (an option must set them)."""
+    node: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        tp = info.annotation
+        if info.is_required():
+            node[name] = defaults_tree(tp) if isinstance(tp, type) and issubclass(tp, BaseModel) else "???"
+            continue
+        value = info.get_default(call_default_factory=True)
+        node[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return node
+
+
+def register_schema_defaults() -> None:
+    """ConfigStore nodes every composition starts from (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    root = defaults_tree(schema.Root, skip=("method", "teacher", *_OPTIONAL_SECTIONS))
+    root["teacher"] = defaults_tree(schema.Teacher, skip=("method",))
+    cs.store(name="_schema", node=root)
+    for name, model in schema.METHOD_SCHEMAS.items():
+        cs.store(group="method", name=f"_schema_{name}", node={**defaults_tree(model), "name": name})
+    for group, model in _OPTIONAL_SECTIONS.items():
+        cs.store(group=group, name="_schema", node=defaults_tree(model))
+    _registered = True
+
+
+def compose_raw(overrides: list[str] | None = None, config_name: str = "config"):
+    """Hydra's composition of conf/ (an unresolved DictConfig, not validated)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_schema_defaults()
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as e:  # e.g. `method=foo`
+        group, _, value = str(e.missing_cfg_file).rpartition("/")
+        options = ", ".join(sorted(o for o in (e.options or []) if not o.startswith("_"))) or f"see conf/{group}"
+        raise invalid(group, value, f"no such config; allowed: {options}") from e
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _hydra_error(e, overrides) from e
+
+
+def _hydra_error(e: Exception, overrides: list[str]) -> ConfigError:
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "To append to your config" in text:
+        key = m.group(1)
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), None)
+        return unknown_key(key, all_keys(), _typed(value))
+    m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if m:
+        return ConfigError(f"+{m.group(1)}=... is invalid: {m.group(1)} already exists; "
+                           f"set it without the +: {m.group(1)}=...")
+    return ConfigError(" ".join(text.split()))
+
+
+def _typed(text: str | None) -> Any:
+    """An override's value as Hydra would type it (near enough for a message)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        return text
+
+
+def all_keys() -> list[str]:
+    return schema_keys(schema.Root)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict[str, Any]:
+    """Compose conf/ with command-line style overrides; the validated, resolved plain dict."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    cfg = compose_raw(overrides, config_name)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = str(getattr(e, "full_key", "") or "config")
+        raise ConfigError(f"{key} is missing: set {key}=... (every option of its group must set it)") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(" ".join(str(e).split())) from e
+    return finalize(plain)
+
+
+def check_schema(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema-validated copy of `cfg`, every default filled in (ConfigError on the first bad value)."""
+    try:
+        return schema.Root.model_validate(dict(cfg)).model_dump()
+    except ValidationError as e:
+        raise from_validation_error(e, schema.Root, dict(cfg), all_keys()) from None
+
+
+def finalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Schema, absolute paths (Ray workers chdir), derived run name, cross-field rules."""
+    cfg = check_schema(cfg)
+    _absolute_paths(cfg)
+    if not cfg["run_name"]:
+        cfg["run_name"] = default_run_name(cfg)
+    check_rules(cfg)
+    return cfg
+
+
+def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Schema + rules on a composed dict (e.g. a sweep's point); returns the validated copy."""
+    out = check_schema(cfg)
+    check_rules(out)
+    return out
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+def _absolute_paths(cfg: dict[str, Any]) -> None:
+    cfg["output_dir"] = _absolute(cfg["output_dir"])
+    data, cluster = cfg["data"], cfg["cluster"]
+    data["beton_dir"] = _absolute(data["beton_dir"])
+    if data["root"]:
+        data["root"] = _absolute(data["root"])
+    if not cluster["storage_path"]:
+        cluster["storage_path"] = str(Path(cfg["output_dir"]) / "ray_results")
+    elif "://" not in cluster["storage_path"]:
+        cluster["storage_path"] = _absolute(cluster["storage_path"])
+    if cfg["teacher"]["checkpoint"]:
+        cfg["teacher"]["checkpoint"] = _absolute(cfg["teacher"]["checkpoint"])
+    if cfg["checkpoint"]:
+        cfg["checkpoint"] = _absolute(cfg["checkpoint"])
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """Hash of everything that changes the result (not the cluster shape or output location)."""
+    keep = {k: v for k, v in cfg.items() if k not in NOT_IN_HASH}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def default_run_name(cfg: Mapping[str, Any]) -> str:
+    return f"{cfg['method']['name']}-{cfg['data']['name']}-{config_hash(cfg)}"

@@ -1,0 +1,604 @@
+"""The typed config schema: every key's type, allowed values or range, default and meaning.
+
+Hydra composes `conf/` (groups of YAML options) into one dict; `conf.compose` validates that dict
+against `Root` below and hands the code the validated dict with every default filled in. The
+defaults Hydra composes on top of come from here too (`conf.compose.register_schema_defaults`),
+so a YAML option file holds only the values it changes. A field's docstring is its one-line
+meaning (`--help` prints it); its type is the validator (pydantic, strict: no silent coercion).
+Rules that span several fields are code, in `conf/rules.py`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EPS_HINT = "pixel scale; 8/255 = 0.0314"
+
+# Names that registries in the code must match (tests/test_config.py checks each against its registry).
+METHOD_NAMES = ("simclr", "supcon", "acl", "rocl", "deacl", "supervised")
+ARCHS = ("resnet18", "resnet50", "wrn34_10")
+DATASET_STATS_NAMES = ("cifar10", "cifar100", "stl10", "svhn", "imagenet", "digits", "none")
+PROTOCOLS = ("slf", "alf", "aff", "le", "rle")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Facts about the datasets the data pipeline reads (here, because validation needs them).
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "svhn", "imagefolder")
+BUNDLED_DATASETS = ("digits", "synthetic")  # need no files on disk (no data.root)
+DATASET_SPLITS: dict[str, tuple[str, ...]] = {  # "val" is held out of train (data.val_fraction > 0)
+    "digits": ("train", "val", "test"),
+    "synthetic": ("train", "val", "test"),
+    "cifar10": ("train", "val", "test"),
+    "cifar100": ("train", "val", "test"),
+    "stl10": ("train", "val", "test", "unlabeled", "train+unlabeled"),
+    "svhn": ("train", "val", "test", "extra"),
+    "imagefolder": ("train", "val", "test"),
+}
+FIXED_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "svhn": 10}
+SYNTHETIC_MAX_CLASSES = 256
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True,
+                              validate_default=True)
+
+
+# ------------------------------------------------------------------------------------ attacks
+
+class Attack(Section):
+    """An L-inf / L2 PGD attack in pixel space [0, 1] with a uniform random start."""
+
+    eps: Annotated[float, Field(ge=0, le=1, json_schema_extra={"hint": EPS_HINT})] = 8 / 255
+    """radius of the perturbation ball"""
+    alpha: PositiveFloat = 2 / 255
+    """step size of each PGD step"""
+    steps: PositiveInt = 5
+    """number of PGD steps"""
+    norm: Literal["linf", "l2"] = "linf"
+    """threat model"""
+    gather_negatives: bool = True
+    """contrastive attack objectives see every rank's batch (as on one GPU); false: this rank's only"""
+
+
+def _attack(steps: int) -> Any:
+    return Field(default_factory=lambda: Attack(steps=steps))
+
+
+# ------------------------------------------------------------------------------------ data
+
+class ColorAugment(Section):
+    """SimCLR's colour jitter + grayscale, applied per sample on the device."""
+
+    brightness: NonNegFloat = 0.4
+    """ColorJitter brightness strength"""
+    contrast: NonNegFloat = 0.4
+    """ColorJitter contrast strength"""
+    saturation: NonNegFloat = 0.4
+    """ColorJitter saturation strength"""
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    """ColorJitter hue strength"""
+    jitter_p: Probability = 0.8
+    """probability that a sample is colour-jittered"""
+    grayscale_p: Probability = 0.2
+    """probability that a sample is turned grey"""
+
+
+class Augment(Section):
+    """Augmentation strengths of the FFCV loaders."""
+
+    crop_scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = [0.08, 1.0]
+    """RandomResizedCrop area range [low, high] of the SSL views"""
+    crop_padding: NonNegInt = 4
+    """zero padding of the weak view's random crop (DeACL, fine-tuning)"""
+    flip: bool = True
+    """random horizontal flips"""
+    color: ColorAugment = Field(default_factory=ColorAugment)
+    """colour jitter and grayscale of the SSL views"""
+
+
+class Data(Section):
+    """Dataset source, splits, where its .beton files live, augmentation."""
+
+    name: Literal[DATASETS]  # type: ignore[valid-type]
+    """dataset source"""
+    root: str | None = None
+    """folder holding the dataset's files (real datasets)"""
+    download: bool = False
+    """fetch the dataset through torchvision on first use"""
+    resolution: Annotated[int, Field(ge=8)] = 32
+    """image side in pixels (images are resized when written)"""
+    num_classes: Annotated[int, Field(ge=2)] | None = None
+    """number of classes (fixed for the named datasets)"""
+    stats: Literal[DATASET_STATS_NAMES] = "none"  # type: ignore[valid-type]
+    """per-channel normalisation statistics, applied inside the model"""
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """fraction of train held out as the val split (Tune's objective; never the test set)"""
+    split_seed: NonNegInt = 0
+    """seed of the stratified val hold-out"""
+    splits: list[str] = ["train", "test"]
+    """splits written to .beton files"""
+    beton_dir: str = "${output_dir}/data"
+    """folder of the .beton files"""
+    write_mode: Literal["raw", "jpg", "smart"] = "raw"
+    """how images are stored in the .beton"""
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
+    """JPEG quality (write_mode jpg / smart)"""
+    max_resolution: Annotated[int, Field(ge=8)] | None = None
+    """largest stored side (null: resolution)"""
+    write_workers: PositiveInt = 1
+    """processes writing a .beton"""
+    train_size: PositiveInt = 5000
+    """synthetic: number of train images"""
+    test_size: PositiveInt = 1000
+    """synthetic: number of test images"""
+    seed: NonNegInt = 0
+    """synthetic: seed of the generated images"""
+    augment: Augment = Field(default_factory=Augment)
+    """augmentation strengths"""
+
+
+class Model(Section):
+    """Backbone and projector."""
+
+    arch: Literal[ARCHS] = "resnet18"  # type: ignore[valid-type]
+    """backbone"""
+    width: PositiveInt = 64
+    """base width of the ResNet (64: the papers')"""
+    stem_padding: Literal[0, 1, 2, 3] = 1
+    """padding of the 3x3 stem: 1 (ACL/RoCL) or 2 (DeACL/solo-learn)"""
+    proj_hidden_dim: PositiveInt = 2048
+    """hidden width of the projector MLP"""
+    proj_output_dim: PositiveInt = 128
+    """output width of the projector MLP"""
+
+
+# ------------------------------------------------------------------------------------ methods
+
+class Train(Section):
+    """Optimisation of a training stage (a method's pre-training)."""
+
+    epochs: PositiveInt
+    """epochs of the stage"""
+    batch_size: PositiveInt
+    """global batch (split across cluster.num_workers)"""
+    optimizer: Literal["sgd", "lars"]
+    """optimiser"""
+    lr: PositiveFloat
+    """peak learning rate (before lr_scaling)"""
+    lr_scaling: Literal["linear", "none"] = "linear"
+    """linear: lr * batch_size / 256; none: lr as given"""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """momentum"""
+    weight_decay: NonNegFloat = 0.0
+    """L2 weight decay"""
+    warmup_epochs: NonNegInt = 0
+    """linear warm-up epochs"""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """learning-rate schedule after the warm-up"""
+    milestones: list[PositiveInt] = []
+    """schedule=step: lr / 10 at these epochs"""
+    fused: bool | Auto = "auto"
+    """SGD: the fused kernel (auto: where this torch has one)"""
+
+
+class MethodBase(Section):
+    """A method's config: its name (the option of group `method`), its keys and its training."""
+
+    train: Train
+    """optimisation of the stage"""
+
+
+class SimCLR(MethodBase):
+    """SimCLR: NT-Xent between two views, negatives from every rank."""
+
+    name: Literal["simclr"]
+    """method name (set by the option: method=simclr)"""
+    temperature: PositiveFloat = 0.5
+    """NT-Xent temperature"""
+
+
+class SupCon(MethodBase):
+    """SupCon / SCL as in the empirical study; adversarial pre-training optional."""
+
+    name: Literal["supcon"]
+    """method name (set by the option: method=supcon)"""
+    temperature: PositiveFloat = 0.07
+    """contrastive temperature"""
+    use_labels: bool = True
+    """true: SupCon's label positives; false: SimCLR's instance positives"""
+    adversarial: bool = False
+    """add the adversarial term contrastive(x, PGD(x))"""
+    adv_weight: NonNegFloat = 1.0
+    """weight of the adversarial term"""
+
+
+class ACL(MethodBase):
+    """ACL (Jiang et al. 2020): adversarial contrastive learning."""
+
+    name: Literal["acl"]
+    """method name (set by the option: method=acl)"""
+    variant: Literal["a2a", "a2s", "ds"] = "ds"
+    """a2a | a2s | ds (dual stream with dual BN: the paper's best)"""
+    temperature: PositiveFloat = 0.5
+    """NT-Xent temperature"""
+    stream_weights: Annotated[list[NonNegFloat], Field(min_length=2, max_length=2)] = [0.5, 0.5]
+    """ds: weights of [clean (normal BN) stream, adversarial (pgd BN) stream]"""
+    attack_train_mode: bool = False
+    """attack with BN in train mode (false: eval mode, as the reference)"""
+    a2s_dual_bn: bool = True
+    """a2s: clean view through `normal` BNs, adversarial view through `pgd` BNs"""
+
+
+class RoCL(MethodBase):
+    """RoCL (Kim et al. 2020): instance-wise attacks, loss over [t; t'; t_adv]."""
+
+    name: Literal["rocl"]
+    """method name (set by the option: method=rocl)"""
+    temperature: PositiveFloat = 0.5
+    """NT-Xent temperature"""
+    lam: PositiveFloat = 256.0
+    """loss = NT-Xent([t; t'; t_adv]) + (1/lam) NT-Xent(t_adv, t')"""
+    detach_right: bool = True
+    """reference quirk: similarities use a detached right operand (loss and attack)"""
+    sum_positives: bool = True
+    """reference scale: sum (not mean) of an anchor's two positive terms"""
+
+
+class DeACL(MethodBase):
+    """DeACL stage 2: adversarial distillation of a frozen SSL teacher."""
+
+    name: Literal["deacl"]
+    """method name (set by the option: method=deacl)"""
+    lam: NonNegFloat = 2.0
+    """weight of the robustness term -cos(f_s(x'), f_s(x))"""
+    init_from_teacher: bool = True
+    """initialise the student from the teacher (false: from scratch)"""
+
+
+class Supervised(MethodBase):
+    """Supervised baselines: CE, PGD-AT (Madry), TRADES."""
+
+    name: Literal["supervised"]
+    """method name (set by the option: method=supervised)"""
+    loss: Literal["ce", "pgd_at", "trades"] = "ce"
+    """training loss"""
+    beta: NonNegFloat = 6.0
+    """TRADES weight of KL(p_clean || p_adv)"""
+    attack_steps: PositiveInt | None = 10
+    """PGD steps of the training attack (null: attack.steps)"""
+
+
+METHOD_SCHEMAS: dict[str, type[MethodBase]] = {
+    "simclr": SimCLR, "supcon": SupCon, "acl": ACL, "rocl": RoCL, "deacl": DeACL, "supervised": Supervised}
+AnyMethod = Annotated[Union[SimCLR, SupCon, ACL, RoCL, DeACL, Supervised], Field(discriminator="name")]
+
+
+class Teacher(Section):
+    """DeACL's stage-1 teacher."""
+
+    checkpoint: str | None = None
+    """a teacher model.pt to distil from instead of training one"""
+    method: AnyMethod
+    """the teacher's method (group method@teacher.method)"""
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+class ProtocolLR(Section):
+    """Learning rate of each evaluation protocol's head."""
+
+    slf: PositiveFloat = 0.1
+    """standard linear fine-tuning"""
+    alf: PositiveFloat = 0.01
+    """adversarial linear fine-tuning"""
+    aff: PositiveFloat = 0.01
+    """adversarial full fine-tuning"""
+    le: PositiveFloat = 0.1
+    """RoCL's linear evaluation (clean)"""
+    rle: PositiveFloat = 0.01
+    """RoCL's robust linear evaluation (PGD-10)"""
+
+
+class LinearEval(Section):
+    """Training of the evaluation heads (DeACL's recipe by default)."""
+
+    epochs: PositiveInt = 25
+    """epochs of each head"""
+    batch_size: PositiveInt = 512
+    """global batch"""
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    """optimiser"""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """momentum"""
+    weight_decay: NonNegFloat = 2e-4
+    """L2 weight decay"""
+    lr: ProtocolLR = Field(default_factory=ProtocolLR)
+    """learning rate per protocol"""
+    milestones: list[PositiveInt] = [15, 20]
+    """lr / 10 at these epochs"""
+    trades_beta: NonNegFloat = 6.0
+    """TRADES beta of ALF / AFF"""
+
+
+class AutoAttackCfg(Section):
+    """AutoAttack for reporting."""
+
+    enabled: bool = True
+    """run AutoAttack after PGD"""
+    version: Literal["standard", "plus", "rand"] = "standard"
+    """attack suite"""
+    n_examples: PositiveInt | None = 1000
+    """first n test images (null: the full test set)"""
+
+
+class Eval(Section):
+    """Protocols after training and the reporting attacks."""
+
+    protocols: list[Literal[PROTOCOLS]] = ["slf"]  # type: ignore[valid-type]
+    """slf | alf | aff | le | rle (RoCL's linear evaluation, clean / PGD-10)"""
+    bn_mode: Literal["eval", "train"] = "eval"
+    """frozen protocols: eval = BN running stats fixed; train = DeACL's reference quirk"""
+    alf_loss: Literal["trades", "pgd_at"] = "trades"
+    """ALF's loss on the head"""
+    train_attack_steps: PositiveInt = 10
+    """PGD steps of the heads' training attack (ALF / AFF / rLE)"""
+    label: str | None = None
+    """row name in the results table (recipe=evaluate)"""
+    linear: LinearEval = Field(default_factory=LinearEval)
+    """training of the heads"""
+    pgd: Attack = _attack(20)
+    """PGD for reporting (PGD-20)"""
+    autoattack: AutoAttackCfg = Field(default_factory=AutoAttackCfg)
+    """AutoAttack for reporting"""
+
+
+class Monitor(Section):
+    """Cheap measurements during pre-training."""
+
+    knn_every: NonNegInt = 5
+    """kNN accuracy on val (or test) every N epochs and after the last; 0: off"""
+    robust_every: NonNegInt = 0
+    """linear probe + clean/PGD accuracy on the held-out val split every N epochs (Tune's metric); 0: off"""
+    val_attack: Attack = _attack(10)
+    """the FIXED attack of that monitor (never follows the searched training attack)"""
+    probe_steps: PositiveInt = 100
+    """L-BFGS iterations of the full-batch linear probe"""
+    probe_weight_decay: NonNegFloat = 1e-3
+    """L2 weight of the probe"""
+    val_max_examples: PositiveInt | None = None
+    """attack at most this many val images per check (null: all)"""
+
+
+# ------------------------------------------------------------------------------------ cluster
+
+class Debug(Section):
+    """Fault injection for tests and fire drills; never set in real runs."""
+
+    fail_at_epoch: PositiveInt | None = None
+    """N: rank `fail_rank` dies half-way through epoch N, once"""
+    fail_rank: NonNegInt = 0
+    """the rank that dies"""
+    fail_delay_s: NonNegFloat = 5.0
+    """wait before dying (Ray registers a checkpoint on its next 2 s poll)"""
+    nonfinite_at_epoch: PositiveInt | None = None
+    """N: the loss of epoch N is made NaN (the run must stop cleanly)"""
+
+
+class Cluster(Section):
+    """Where Ray Train runs and with how many workers."""
+
+    address: str | None = None
+    """Ray address (null: start Ray in-process, or RAY_ADDRESS if set)"""
+    num_workers: PositiveInt = 1
+    """data-parallel workers"""
+    use_gpu: bool | Auto = "auto"
+    """auto: GPU if the cluster has one"""
+    cpus_per_worker: PositiveInt = 2
+    """CPUs of each worker (also its FFCV decoding threads)"""
+    gpus_per_worker: PositiveFloat = 1.0
+    """GPUs of each worker"""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers"""
+    storage_path: str | None = None
+    """Ray Train storage (null: <output_dir>/ray_results); shared (NFS or s3://) on multi-node clusters"""
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+    """worker-group restarts from the last checkpoint (-1: unlimited)"""
+    sync_bn: bool = False
+    """synchronise BatchNorm statistics over the global batch"""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """process-group backend (auto: nccl on GPU, gloo on CPU)"""
+    timeout_s: PositiveInt = 1800
+    """collective (process group) timeout"""
+    checkpoints_to_keep: PositiveInt = 2
+    """Ray checkpoints kept per stage"""
+    debug: Debug = Field(default_factory=Debug)
+    """fault injection (tests)"""
+
+
+# ------------------------------------------------------------------------------------ tune
+
+Number = Union[float, str]  # "8/255" is allowed in search spaces
+
+
+class SpaceSpec(Section):
+    """One searched key."""
+
+    type: Literal["choice", "grid", "uniform", "loguniform", "quniform", "randint"]
+    """distribution"""
+    values: list[Any] | None = None
+    """choice / grid: the values"""
+    low: Number | None = None
+    """lower bound (uniform, loguniform, quniform, randint)"""
+    high: Number | None = None
+    """upper bound"""
+    q: Number | None = None
+    """quniform: quantum"""
+    relative_to: str | None = None
+    """the sampled value multiplies this key's value (e.g. alpha relative to eps)"""
+
+
+class Scheduler(Section):
+    """Trial scheduler."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    """asha: early stopping; fifo: every trial runs its full budget"""
+    grace_period: PositiveInt = 1
+    """epochs before a trial can be stopped"""
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    """ASHA keeps 1/reduction_factor of the trials at each rung"""
+    brackets: PositiveInt = 1
+    """ASHA brackets"""
+
+
+class Tune(Section):
+    """Ray Tune search (python -m tune.search)."""
+
+    enabled: bool = False
+    """a sweep preset is selected"""
+    preset: str | None = None
+    """preset name (in the sweep's folder name)"""
+    name: str | None = None
+    """sweep folder name (null: derived from the config)"""
+    overrides: list[str] = []
+    """overrides applied before the command line's"""
+    metric: str = "objective"
+    """reported metric to optimise"""
+    mode: Literal["max", "min"] = "max"
+    """maximise or minimise the metric"""
+    objective: Literal["robust", "clean", "weighted"] = "robust"
+    """val monitor objective: robust | clean | w * robust + (1 - w) * clean"""
+    objective_weight: Probability = 0.5
+    """w of the weighted objective"""
+    num_samples: PositiveInt = 1
+    """sampled configurations"""
+    seed: NonNegInt = 0
+    """sampling seed"""
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    """trial scheduler"""
+    max_concurrent_trials: PositiveInt | None = None
+    """null: as many as the cluster fits"""
+    retry_errored: bool = True
+    """on restore, errored trials resume from their last checkpoint"""
+    verbose: Annotated[int, Field(ge=0, le=3)] = 1
+    """Tune progress output: 0 silent, 1 status table, 2 + trial results"""
+    space: dict[str, SpaceSpec] = {}
+    """searched keys (dotted config keys)"""
+    local_cpus: PositiveInt | None = None
+    """CPUs of a local Ray for the sweep (null: this machine's)"""
+    storage_path: str | None = None
+    """where sweeps live (null: cluster.storage_path)"""
+
+
+# ------------------------------------------------------------------------------------ study, analysis
+
+class Scheme(Section):
+    """One training scheme of the study."""
+
+    method: Literal[METHOD_NAMES]  # type: ignore[valid-type]
+    """the method that trains it"""
+    standard: dict[str, Any]
+    """method keys of its standard pre-training"""
+    adversarial: dict[str, Any]
+    """method keys of its adversarial pre-training"""
+
+
+class Study(Section):
+    """The empirical study (python -m tune.study)."""
+
+    schemes: dict[str, Scheme] = {}
+    """training schemes"""
+    run: list[str] = []
+    """which schemes to run"""
+    overrides: list[str] = []
+    """extra overrides for every trial (budgets)"""
+    name: str | None = None
+    """study folder name (null: derived from the config)"""
+    max_concurrent_trials: PositiveInt | None = None
+    """null: from the cluster size"""
+    cka: bool = True
+    """CKA / probe figures per scheme"""
+
+
+class Analysis(Section):
+    """Representation analysis (python -m trainer.analyze_representations)."""
+
+    split: Literal["train", "val", "test"] = "test"
+    """images compared by CKA and used as the probes' test set"""
+    n_examples: Annotated[int, Field(ge=4)] = 500
+    """how many of them (first n of the split)"""
+    n_probe_train: PositiveInt = 1000
+    """training images of the probes (and of the attacked linear head)"""
+    batch_size: PositiveInt = 256
+    """batch of the feature extraction"""
+    cka_pooling: Literal["flatten", "avg"] = "flatten"
+    """flatten: C*H*W per layer (Kornblith et al.); avg: global average pool"""
+    debiased: bool = False
+    """debiased (unbiased-HSIC) CKA"""
+    probes: bool = True
+    """per-layer linear probes"""
+    probe_pooling: Literal["flatten", "avg"] = "avg"
+    """per-layer probe features"""
+    probe_adv_train: bool = True
+    """also fit probes on adversarial training features"""
+    probe_weight_decay: NonNegFloat = 1e-4
+    """L2 weight of the probes"""
+    probe_max_iter: PositiveInt = 100
+    """L-BFGS iterations per probe"""
+    pgd: Attack = _attack(20)
+    """adversarial examples (CE on the attacked classifier)"""
+
+
+# ------------------------------------------------------------------------------------ root
+
+class Root(Section):
+    """The whole configuration."""
+
+    seed: NonNegInt = 0
+    """seed of the run"""
+    output_dir: str = "outputs"
+    """every run writes under output_dir/run_name"""
+    run_name: str | None = None
+    """null: derived from the config hash (same config -> same run -> resume)"""
+    recipe: Literal["auto", "pretrain", "deacl", "evaluate"] = "auto"
+    """auto: DeACL -> teacher, student, evaluation; others -> train, evaluation; evaluate: checkpoint="""
+    checkpoint: str | None = None
+    """recipe=evaluate: the model.pt to evaluate"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU"""
+    channels_last: bool | Auto = "auto"
+    """memory layout of the networks (auto: on for GPU and CPU)"""
+    compile: bool | Literal[COMPILE_MODES] = False  # type: ignore[valid-type]
+    """torch.compile the networks (or an inductor mode); eager without a compiler"""
+    freeze_params_in_attack: bool | Auto = "auto"
+    """parameters leave autograd during PGD (auto: only with compile)"""
+    data: Data
+    """dataset"""
+    model: Model = Field(default_factory=Model)
+    """backbone and projector"""
+    method: AnyMethod
+    """the method the main stage trains"""
+    teacher: Teacher
+    """DeACL's teacher"""
+    attack: Attack = Field(default_factory=Attack)
+    """the training attack of adversarial methods"""
+    eval: Eval = Field(default_factory=Eval)
+    """evaluation after training"""
+    cluster: Cluster = Field(default_factory=Cluster)
+    """Ray Train resources"""
+    monitor: Monitor = Field(default_factory=Monitor)
+    """measurements during pre-training"""
+    tune: Tune = Field(default_factory=Tune)
+    """Ray Tune search"""
+    study: Study | None = None
+    """the empirical study (+study=default)"""
+    analysis: Analysis | None = None
+    """representation analysis (+analysis=default)"""

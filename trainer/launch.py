@@ -1,0 +1,123 @@
+"""The driver side of a stage: connect to (or start) Ray, then run one TorchTrainer over N workers.
+
+`init_ray(cfg)` picks the cluster: inside `ray job submit` the job's own; `cluster.address` (or
+RAY_ADDRESS) an existing cluster, shipping this checkout as the working_dir; otherwise a fresh Ray
+in this process. `run_train_stage(cfg, payload, loop, name)` runs one Ray Train run of `loop`
+(trainer.worker.pretrain_loop / evaluate_loop) and turns the loop's non-completed outcomes into
+exceptions.
+
+`pin_ray_address` is a `worker_process_setup_hook`: it sets RAY_ADDRESS in every Ray worker process
+to the cluster the worker belongs to. Ray Train's PlacementGroupCleaner (which frees the placement
+group of a Train run whose controller died, e.g. a trial that ASHA stopped) queries the state API
+with an auto-detected address; when several Ray instances run on one host (tests, shared machines)
+that detection fails, the group leaks and the next trials wait for CPUs that never come back.
+Every Ray worker process imports this module for that hook: it imports nothing heavy at the top.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
+SETUP_HOOK = "trainer.launch.pin_ray_address"
+# Ray Train V2's print patch re-emits every worker print through the logger: each line twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def pin_ray_address() -> None:
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def local_runtime_env() -> dict[str, Any]:
+    """runtime_env for a Ray started in-process: the repo importable, the address pinned."""
+    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), **WORKER_ENV}, "worker_process_setup_hook": SETUP_HOOK}
+
+
+def inside_ray_job() -> bool:
+    """True in the entrypoint of `ray job submit` (the job supervisor sets this variable)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ship this checkout to the cluster: working_dir = repo root, excludes as documented in
+    cluster/runtime_env.yaml (the same file `ray job submit --runtime-env` uses)."""
+    import yaml
+
+    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text()) if RUNTIME_ENV_FILE.exists() else {}
+    env = dict(env or {})
+    env["working_dir"] = str(REPO_ROOT)
+    env["env_vars"] = {**WORKER_ENV, **dict(env.get("env_vars") or {})}
+    return env
+
+
+def init_ray(cfg: Mapping[str, Any], local_cpus: int | None = None) -> None:
+    """Connect to (or start) Ray; a local instance gets `local_cpus` CPUs (default: the workers' share)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if inside_ray_job():
+        ray.init(log_to_driver=True)
+        return
+    address = cfg["cluster"]["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=code_runtime_env())
+        return
+    os.environ.update(WORKER_ENV)
+    needed = local_cpus or int(cfg["cluster"]["num_workers"]) * int(cfg["cluster"]["cpus_per_worker"])
+    # Logical CPUs: the workers' share plus one for Train's controller and Tune's trial actors.
+    # address="local": always a fresh instance, never someone else's cluster on this machine.
+    ray.init(address="local", num_cpus=needed + 1, log_to_driver=True, runtime_env=local_runtime_env())
+
+
+def use_gpu(cfg: Mapping[str, Any]) -> bool:
+    value = cfg["cluster"]["use_gpu"]
+    if value == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(value)
+
+
+def run_train_stage(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Callable, run_name: str,
+                    callbacks: list | None = None):
+    """One Ray Train run (TorchTrainer over cluster.num_workers workers); returns its Result.
+
+    Same (storage_path, run_name) as an earlier run: Ray resumes it from its last checkpoint.
+    Raises NonFiniteLossError / RunMismatchError when the workers stopped for those reasons.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.worker.outcome import NonFiniteLossError, RunMismatchError
+
+    cluster = cfg["cluster"]
+    gpu = use_gpu(cfg)
+    resources = {"CPU": int(cluster["cpus_per_worker"])}
+    if gpu:
+        resources["GPU"] = float(cluster["gpus_per_worker"])
+    backend = cluster["backend"] if cluster["backend"] != "auto" else ("nccl" if gpu else "gloo")
+    trainer = TorchTrainer(
+        loop, train_loop_config={"cfg": dict(cfg), "stage": dict(payload)},
+        torch_config=TorchConfig(backend=backend, timeout_s=int(cluster["timeout_s"])),
+        scaling_config=ScalingConfig(num_workers=int(cluster["num_workers"]), use_gpu=gpu,
+                                     resources_per_worker=resources, placement_strategy=cluster["placement_strategy"]),
+        run_config=RunConfig(name=run_name, storage_path=cluster["storage_path"],
+                             failure_config=FailureConfig(max_failures=int(cluster["max_failures"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=int(cluster["checkpoints_to_keep"])),
+                             callbacks=callbacks or []))
+    result = trainer.fit()
+    outcome = result.return_value if isinstance(result.return_value, dict) else {}
+    if outcome.get("status") == "nonfinite":
+        last = result.checkpoint.path if result.checkpoint is not None else None
+        err = NonFiniteLossError(f"{outcome['message']} Last good checkpoint: {last}")
+        err.result = result
+        raise err
+    if outcome.get("status") == "mismatch":
+        raise RunMismatchError(outcome["message"])
+    return result

@@ -1,0 +1,110 @@
+"""TrainState: everything a pre-training stage needs to continue exactly, saving and restoring itself.
+
+A checkpoint folder holds `model.pt` (the exported single-BN encoder: what evaluation and the
+next stage load), `model_full.pt` (the trainable module when it differs, e.g. dual BN or a
+classifier head) and `state.pt`: the stage's identity (config hash, run, recipe, stage, method),
+epochs done, optimiser, schedule, the method's other modules, every rank's RNG streams (the
+loader's colour-augmentation generator included), the epochs at which the run was resumed and
+the history of every epoch's report. The loader's position is the epoch count: epoch e's shuffle
+order and augmentation stream are functions of (seed, e, rank).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from trainer.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, rng_state, save_model, set_rng_state
+from trainer.distributed import WorkerContext
+from trainer.methods import Method
+from trainer.models import Encoder
+
+FULL_MODEL_FILE = "model_full.pt"
+IDENTITY_KEYS = ("config_hash", "stage", "method")
+
+
+def identity_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    """Why a saved state belongs to another run than `expected` (None if it is this run's)."""
+    for key in IDENTITY_KEYS:
+        if key in saved and saved[key] != expected[key]:
+            return (f"the checkpoint Ray resumed for run '{expected['run_name']}' stage '{expected['stage']}' "
+                    f"has {key}={saved[key]!r} but this job has {key}={expected[key]!r}: it belongs to another "
+                    "configuration. Use a different run_name (or leave run_name unset: it is derived from the "
+                    "config hash), or delete that run's folder in the storage path.")
+    return None
+
+
+@dataclass
+class TrainState:
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any                              # data_pipeline.loaders.ViewLoader
+    identity: dict[str, Any]                 # which run and stage this state belongs to
+    epoch: int = 0                           # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)
+    saved_world_size: int | None = None      # workers of the run that wrote the restored checkpoint
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"loader": self.loader.generator}
+
+    def end_epoch(self, report: Mapping[str, Any]) -> None:
+        self.epoch += 1
+        self.history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
+
+    # ---------------------------------------------------------------------------------- saving
+    def gather_rng(self, ctx: WorkerContext) -> list[dict[str, Any]]:
+        """Every rank's RNG streams (a collective: every rank calls it)."""
+        mine = rng_state(self.generators())
+        if not ctx.distributed:
+            return [mine]
+        gathered: list[Any] = [None] * ctx.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        return gathered
+
+    def state_dict(self, rngs: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+        modules = {k: m.state_dict() for k, m in self.method.modules_to_checkpoint().items() if k != "encoder"}
+        return {**self.identity, "epoch": self.epoch, "world_size": world_size, "rng": rngs,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "modules": modules, "resumed_at": self.resumed_at, "history": self.history}
+
+    def save(self, directory: str, exported: Encoder, cfg: Mapping[str, Any], rngs: list[dict[str, Any]],
+             world_size: int) -> None:
+        """Rank 0: write model.pt (+ model_full.pt) and state.pt into `directory`."""
+        meta = {"method": self.identity["method"], "stage": self.identity["stage"], "epoch": self.epoch}
+        stats = cfg["data"]["stats"]
+        save_model(os.path.join(directory, MODEL_FILE), exported, cfg["model"], stats, meta)
+        if exported is not self.method.encoder:
+            save_model(os.path.join(directory, FULL_MODEL_FILE), self.method.encoder, cfg["model"], stats, meta)
+        atomic_save(self.state_dict(rngs, world_size), os.path.join(directory, STATE_FILE))
+
+    # ---------------------------------------------------------------------------------- restoring
+    def load_state_dict(self, state: Mapping[str, Any], rank: int) -> None:
+        modules = self.method.modules_to_checkpoint()
+        for name, module_state in state["modules"].items():
+            modules[name].load_state_dict(module_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # Each rank continues its own streams; with a different worker count, ranks beyond the
+        # saved ones reuse the last saved state (the run continues, not bit-exactly).
+        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], self.generators())
+        self.epoch = int(state["epoch"])
+        self.resumed_at = [int(e) for e in state["resumed_at"]] + [self.epoch]
+        self.history = [dict(r) for r in state["history"]]
+        self.saved_world_size = int(state["world_size"])
+
+    def restore(self, directory: str, device: torch.device, rank: int) -> str | None:
+        """Load the checkpoint in `directory`; returns why it was refused (another run's) or None."""
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        problem = identity_mismatch(state, self.identity)
+        if problem:
+            return problem
+        full = os.path.join(directory, FULL_MODEL_FILE)  # dual-BN methods export a single-BN model.pt
+        blob = torch.load(full if os.path.exists(full) else os.path.join(directory, MODEL_FILE),
+                          map_location=device, weights_only=True)
+        self.method.encoder.load_state_dict(blob["encoder"])
+        self.load_state_dict(state, rank)
+        return None
