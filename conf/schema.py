@@ -97,6 +97,8 @@ class Augment(Section):
 
     crop_scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = [0.08, 1.0]
     """RandomResizedCrop area range [low, high] of the SSL views"""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """resampling of the SSL views' random resized crop (ACL's reference: bicubic)"""
     crop_padding: NonNegInt = 4
     """zero padding of the weak view's random crop (DeACL, fine-tuning)"""
     flip: bool = True
