@@ -127,6 +127,12 @@ def _show(v: Any) -> str:
     return {True: "true", False: "false", None: "null"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
 
 
+def _num(v: Any) -> str:
+    if isinstance(v, int) and v >= 1 << 20 and v & (v - 1) == 0:
+        return f"2^{v.bit_length() - 1}"
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _bounds(meta: list[Any]) -> str:
     lo = hi = None
     for m in meta:
@@ -138,11 +144,11 @@ def _bounds(meta: list[Any]) -> str:
                 else:
                     hi = (attr, v)
     if lo and hi:
-        return f" in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+        return f" in {'[' if lo[0] == 'ge' else '('}{_num(lo[1])}, {_num(hi[1])}{']' if hi[0] == 'le' else ')'}"
     if lo:
-        return f" {'>=' if lo[0] == 'ge' else '>'} {lo[1]:g}"
+        return f" {'>=' if lo[0] == 'ge' else '>'} {_num(lo[1])}"
     if hi:
-        return f" {'<=' if hi[0] == 'le' else '<'} {hi[1]:g}"
+        return f" {'<=' if hi[0] == 'le' else '<'} {_num(hi[1])}"
     return ""
 
 
@@ -177,6 +183,9 @@ def _describe_base(base: Any, meta: list[Any]) -> str:
     if typing.get_origin(base) is list:
         item = describe(typing.get_args(base)[0]).removeprefix("must be ")
         n = next((m.min_length for m in meta if getattr(m, "min_length", None)), None)
+        exact = any(getattr(m, "max_length", None) == n for m in meta)
+        if n and not exact:
+            return f"must be a non-empty list; each item: {item}"
         if n:
             item = item.replace("a number", "numbers").replace("an integer", "integers")
             return f"must be a list of {n} {item}"

@@ -25,6 +25,8 @@ def check_rules(cfg: Mapping[str, Any]) -> None:
     _check_monitor(cfg)
     _check_recipe(cfg)
     _check_paths(cfg)
+    if cfg["seeds"] is not None and len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise invalid("seeds", cfg["seeds"], "a list of distinct integers in [0, 2^32)")
 
 
 def _needs_teacher_stage(cfg: Mapping[str, Any]) -> bool:

@@ -564,8 +564,10 @@ class Analysis(Section):
 class Root(Section):
     """The whole configuration."""
 
-    seed: NonNegInt = 0
-    """seed of the run"""
+    seed: Annotated[int, Field(ge=0, lt=2 ** 32)] = 0
+    """seed of every random draw of the run (with the epoch, the sample and the rank)"""
+    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2 ** 32)]], Field(min_length=1)] | None = None
+    """several seeds: the recipe once per seed (parallel trials), mean ± std reported"""
     output_dir: str = "outputs"
     """every run writes under output_dir/run_name"""
     run_name: str | None = None
@@ -582,6 +584,8 @@ class Root(Section):
     """torch.compile the networks (or an inductor mode); eager without a compiler"""
     freeze_params_in_attack: bool | Auto = "auto"
     """parameters leave autograd during PGD (auto: only with compile)"""
+    deterministic: bool = False
+    """PyTorch's deterministic algorithms and cuBLAS's fixed workspace (GPU; CPU runs are deterministic without it)"""
     data: Data
     """dataset"""
     model: Model = Field(default_factory=Model)

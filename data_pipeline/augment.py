@@ -13,9 +13,10 @@ are torchvision's float formulas (`adjust_brightness`, `adjust_contrast` (blend 
 grey level), `adjust_saturation` (blend with the grey image), `adjust_hue` (HSV rotation),
 `rgb_to_grayscale` with weights 0.2989/0.587/0.114); results are clamped to [0, 1].
 
-All random numbers are drawn on the CPU from one `torch.Generator` (so runs are reproducible
-and no device sync is needed); each op is then applied only to the samples that need it at
-that position of their order, so the work is 4 ops per jittered sample, not 16.
+The parameters come from uniforms drawn on the CPU (the loaders draw them counter-based per
+sample: data_pipeline.seeded; `color_augment` from a `torch.Generator`), so no device sync is
+needed; each op is then applied only to the samples that need it at that position of their
+order, so the work is 4 ops per jittered sample, not 16.
 Input/output: float [B, 3, H, W] in [0, 1].
 """
 from __future__ import annotations
@@ -129,18 +130,27 @@ class ColorParams:
     gray: torch.Tensor         # bool [B]
 
 
-def sample_params(batch: int, cfg: ColorAugConfig, generator: torch.Generator | None = None) -> ColorParams:
-    """Draw per-sample parameters the way torchvision's ColorJitter/RandomApply/RandomGrayscale do."""
-    u = torch.rand(batch, 8, generator=generator, dtype=torch.float64)
+COLOR_DRAWS = 10  # apply, grayscale, 4 factors, 4 for the order of the operations
+
+
+def params_from_uniforms(u: torch.Tensor, cfg: ColorAugConfig) -> ColorParams:
+    """Per-sample parameters from uniforms u [B, COLOR_DRAWS] in [0, 1), with the distributions of
+    torchvision's RandomApply(ColorJitter, p) and RandomGrayscale(p)."""
+    u = u.to(torch.float64)
     apply = u[:, 0] < cfg.jitter_p
     gray = u[:, 1] < cfg.grayscale_p
-    factors = torch.empty(batch, 4, dtype=torch.float64)
+    factors = torch.empty(u.shape[0], 4, dtype=torch.float64)
     for j, strength in enumerate((cfg.brightness, cfg.contrast, cfg.saturation)):
         lo, hi = max(0.0, 1 - strength), 1 + strength
         factors[:, j] = lo + (hi - lo) * u[:, 2 + j]
     factors[:, 3] = (u[:, 5] * 2 - 1) * cfg.hue
-    order = torch.argsort(torch.rand(batch, 4, generator=generator), dim=1)
+    order = torch.argsort(u[:, 6:10], dim=1)  # a uniformly random permutation of the four operations
     return ColorParams(apply, factors, order, gray)
+
+
+def sample_params(batch: int, cfg: ColorAugConfig, generator: torch.Generator | None = None) -> ColorParams:
+    """Draw per-sample parameters from a torch generator (the loaders draw counter-based uniforms)."""
+    return params_from_uniforms(torch.rand(batch, COLOR_DRAWS, generator=generator, dtype=torch.float64), cfg)
 
 
 def apply_params(x: torch.Tensor, p: ColorParams, cfg: ColorAugConfig) -> torch.Tensor:

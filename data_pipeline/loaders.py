@@ -1,9 +1,13 @@
 """FFCV loader factories: two-view SSL, three-view RoCL, weak (crop+flip) and plain eval.
 
 One function, `build_loader(path, views, ...)`, returns a `ViewLoader` that yields dicts
-`{"views": [float [B,3,H,W] in [0,1], ...], "label": int64 [B]}` on the training device.
-FFCV does decoding, random-resized crop, padding-crop and flips on `num_threads` CPU threads;
-the SimCLR colour jitter + grayscale run batched on the device (`data_pipeline.augment`).
+`{"views": [float [B,3,H,W] in [0,1], ...], "label": int64 [B], "index": int64 [B]}` on the
+training device (`index`: the samples' positions in the dataset, on the CPU). FFCV reads and
+decodes the images on `num_threads` CPU threads, once per batch whatever the number of views;
+every augmentation (random resized crop, padded crop, flip, colour jitter, grayscale) runs batched
+on the device from counter-based draws (`data_pipeline.views`), so a sample's views are a function
+of (seed, epoch, sample index, view) alone. The shuffle order of epoch e is a function of
+(seed, e) (FFCV: `seed + e`, or DistributedSampler(seed).set_epoch(e) per rank).
 
 Safety: FFCV runs its pipeline in a thread; if that thread raises, FFCV's iterator blocks
 forever. `GuardedLoader` catches the exception in the thread and re-raises it in the consumer.
@@ -13,27 +17,27 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from data_pipeline import keep_torch_threads
-from data_pipeline.augment import ColorAugConfig, color_augment
+from data_pipeline.views import AugmentConfig, make_views
 from data_pipeline.write import verify_beton
 
 with keep_torch_threads():  # importing ffcv sets torch to one thread
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.fields.basics import BasicDecoder, IntDecoder
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline import PipelineSpec
     from ffcv.pipeline.compiler import Compiler
-    from ffcv.transforms import (RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor,
-                                 ToTorchImage)
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-VIEW_KINDS = ("two_view", "three_view", "weak", "eval")
+# method views -> one entry per view: "ssl" (strong), "weak" (crop + flip), "plain" (as stored)
+VIEW_KINDS: dict[str, list[str]] = {"two_view": ["ssl", "ssl"], "three_view": ["plain", "ssl", "ssl"],
+                                    "weak": ["weak"], "eval": ["plain"]}
 
 _DONE = object()
 
@@ -105,55 +109,35 @@ class GuardedLoader(Loader):
         return _GuardedEpochIterator(self, selected)
 
 
-@dataclass
-class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_padding: int = 4
-    flip: bool = True
-    color: ColorAugConfig = field(default_factory=ColorAugConfig)
+class SampleIndexDecoder(BasicDecoder):
+    """Decodes nothing: yields each sample's index in the dataset (what the augmentations key on)."""
 
-    @staticmethod
-    def from_cfg(cfg: Mapping[str, Any] | None) -> "AugmentConfig":
-        cfg = dict(cfg or {})
-        color = ColorAugConfig(**{k: float(v) for k, v in dict(cfg.get("color", {})).items()})
-        return AugmentConfig(tuple(float(v) for v in cfg.get("crop_scale", (0.08, 1.0))),
-                             int(cfg.get("crop_padding", 4)), bool(cfg.get("flip", True)), color)
+    dtype = np.dtype("<i8")
 
+    def generate_code(self):
+        def decoder(indices, destination, metadata, storage_state):
+            for ix, sample_id in enumerate(indices):
+                destination[ix] = sample_id
+            return destination[:len(indices)]
 
-def _image_ops(kind: str, res: int, aug: AugmentConfig, device: torch.device) -> list:
-    """FFCV ops for one image output. "ssl": RandomResizedCrop(res, scale, ratio 3/4..4/3) + flip
-    (as torchvision's; FFCV resizes with OpenCV INTER_AREA); "weak": pad-and-crop (RandomCrop with
-    zero padding) + flip; "plain": decode only. Colour jitter is applied later, batched."""
-    tail = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
-    flip = [RandomHorizontalFlip()] if aug.flip else []
-    if kind == "ssl":
-        return [RandomResizedCropRGBImageDecoder((res, res), scale=aug.crop_scale)] + flip + tail
-    if kind == "weak":
-        pad = [RandomTranslate(padding=aug.crop_padding, fill=(0, 0, 0))] if aug.crop_padding > 0 else []
-        return [SimpleRGBImageDecoder()] + pad + flip + tail
-    return [SimpleRGBImageDecoder()] + tail
+        return decoder
 
 
 class ViewLoader:
-    """Iterates an FFCV loader and returns float views in [0,1] (+ device colour augmentation).
+    """Iterates an FFCV loader and returns the method's views (float in [0,1]), labels and indices.
 
-    The shuffle order of epoch e is a function of (seed, e) only (FFCV: `seed + e`, or
-    DistributedSampler(seed).set_epoch(e) per rank), and the colour-augmentation generator is
-    re-seeded from (seed, rank, e) at the start of every epoch, so `set_epoch(e)` on a fresh
-    loader continues exactly where a previous run's epoch e would have started. (FFCV's crop and
-    flip draw from numba's per-thread RNG and are not reproducible.)
+    `set_epoch(e)` on a fresh loader reproduces epoch e exactly: its order is a function of (seed,
+    e) and every augmentation of (seed, e, sample index, view).
     """
 
-    def __init__(self, loader: GuardedLoader, view_kinds: list[str], aug: AugmentConfig,
-                 seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, loader: GuardedLoader, view_kinds: list[str], aug: AugmentConfig, seed: int = 0) -> None:
         self.loader = loader
-        self.view_kinds = view_kinds  # per image output: "ssl" (gets colour aug), "weak", "plain"
+        self.view_kinds = view_kinds  # per view: "ssl", "weak" or "plain"
         self.aug = aug
-        self.seed, self.rank = int(seed), int(rank)
-        self.generator = torch.Generator()
-        # On a CPU device the colour jitter runs while FFCV's threads decode the next batches:
+        self.seed = int(seed)
+        # On a CPU device the augmentations run while FFCV's threads decode the next batches:
         # split the thread budget instead of oversubscribing the cores.
-        self.color_threads = max(1, loader.num_workers // 2)
+        self.augment_threads = max(1, loader.num_workers // 2)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -173,22 +157,17 @@ class ViewLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         names = list(self.loader.pipeline_specs.keys())  # FFCV's output order: fields, then extras
-        self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 100_003 + self.loader.next_epoch)
+        epoch = self.loader.next_epoch
         it = iter(self.loader)
         try:
             for batch in it:
                 out = dict(zip(names, batch))
-                views = []
-                for i, kind in enumerate(self.view_kinds):
-                    img = out["image" if i == 0 else f"image{i + 1}"]
-                    # ToTorchImage yields channels-last strides; hand out standard NCHW (the
-                    # worker converts to channels_last itself where configured).
-                    x = img.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-                    if kind == "ssl":
-                        with _torch_threads(self.color_threads if x.device.type == "cpu" else None):
-                            x = color_augment(x, self.aug.color, self.generator)
-                    views.append(x)
-                yield {"views": views, "label": out["label"].long()}
+                # ToTorchImage yields channels-last strides; hand out standard NCHW (the worker
+                # converts to channels_last itself where configured).
+                x = out["image"].to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+                with _torch_threads(self.augment_threads if x.device.type == "cpu" else None):
+                    views = make_views(x, out["index"], epoch, self.view_kinds, self.aug, self.seed)
+                yield {"views": views, "label": out["label"].long(), "index": out["index"].long()}
         finally:
             it.close()
 
@@ -231,8 +210,7 @@ def loader_threads(num_threads: int | None) -> int:
 
 def build_loader(path: str, views: str, batch_size: int, device: torch.device | str = "cpu",
                  num_threads: int | None = None, train: bool = True, seed: int = 0, distributed: bool = False,
-                 resolution: int | None = None, augment: Mapping[str, Any] | None = None,
-                 drop_last: bool | None = None) -> ViewLoader:
+                 augment: Mapping[str, Any] | None = None, drop_last: bool | None = None) -> ViewLoader:
     """Build the loader for one rank.
 
     views: "two_view" (SimCLR/ACL), "three_view" (RoCL: original, t, t'), "weak" (crop with
@@ -245,24 +223,17 @@ def build_loader(path: str, views: str, batch_size: int, device: torch.device | 
     """
     if views not in VIEW_KINDS:
         raise ValueError(f"views={views!r} is not known; allowed: {', '.join(VIEW_KINDS)}")
-    manifest = verify_beton(path, check_hash=False)
-    rank = 0
-    if distributed:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised "
-                               "(build the loader inside the Ray Train worker, after setup)")
-        rank = torch.distributed.get_rank()
-    res = int(resolution or manifest["resolution"])
-    aug = AugmentConfig.from_cfg(augment)
+    kinds = VIEW_KINDS[views]
+    verify_beton(path, check_hash=False)
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised "
+                           "(build the loader inside the Ray Train worker, after setup)")
     device = torch.device(device)
-    kinds = {"two_view": ["ssl", "ssl"], "three_view": ["plain", "ssl", "ssl"],
-             "weak": ["weak"], "eval": ["plain"]}[views]
-    pipelines: dict[str, Any] = {}
-    for i, kind in enumerate(kinds):
-        ops = _image_ops(kind, res, aug, device)
-        name = "image" if i == 0 else f"image{i + 1}"
-        pipelines[name] = ops if i == 0 else PipelineSpec("image", ops[0], ops[1:])
-    pipelines["label"] = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+    pipelines: dict[str, Any] = {
+        "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()],
+        "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)],
+        "index": PipelineSpec("label", SampleIndexDecoder(), [ToTensor(), Squeeze(1)]),
+    }
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     loader = GuardedLoader(str(path), batch_size=batch_size, num_workers=loader_threads(num_threads),
                            order=order, distributed=distributed, seed=int(seed), pipelines=pipelines,
@@ -271,4 +242,4 @@ def build_loader(path: str, views: str, batch_size: int, device: torch.device | 
         n = len(loader.first_traversal_order)
         raise ValueError(f"{path}: this rank's shard has {n} images, fewer than batch_size={batch_size} "
                          "with drop_last: no batch at all; lower the batch size")
-    return ViewLoader(loader, kinds, aug, seed=int(seed), rank=rank)
+    return ViewLoader(loader, kinds, AugmentConfig.from_cfg(augment), seed=int(seed))

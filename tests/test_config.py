@@ -92,7 +92,7 @@ def test_cli_exits_nonzero_with_one_line_before_starting_ray(tmp_path):
     ("+method.lamb=3", "method.lamb=3 is invalid: no such config key; did you mean method.lam?"),
     ("attack.step=3", "attack.step=3 is invalid: no such config key; did you mean attack.steps?"),
     ("+sed=1", "sed=1 is invalid: no such config key; did you mean seed?"),
-    ("seed=-5", "seed=-5 is invalid: must be an integer >= 0"),
+    ("seed=-5", "seed=-5 is invalid: must be an integer in [0, 2^32)"),
     ("method.train.epochs=2.5", "method.train.epochs=2.5 is invalid: must be an integer >= 1"),
     ("channels_last=2", "channels_last=2 is invalid: allowed: true, false, auto"),
     ("eval.autoattack.n_examples=0", "eval.autoattack.n_examples=0 is invalid: must be null or an integer >= 1"),
@@ -197,7 +197,7 @@ def test_help_lists_groups_options_and_keys(module):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "Config groups" in out and "deacl (default)" in out and "rocl_pgd7" in out
-    assert "seed " in out and "an integer >= 0" in out and "precision" in out
+    assert "seed " in out and "an integer in [0, 2^32)" in out and "precision" in out
     assert importlib.import_module(module).__doc__.strip().splitlines()[0] in out
 
 

@@ -229,5 +229,5 @@ def test_two_node_cluster_deacl_run_lands_in_storage(deacl_setup, tmp_path):
     assert Path(res["path"]).parent == storage and Path(res["checkpoint"]).parent == Path(res["path"])
     ckpt = Path(res["checkpoint"])
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["stage"] == "student"
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["stage"] == "student"
     load_encoder(ckpt / MODEL_FILE)

@@ -120,13 +120,16 @@ def _stage(cfg):
 
 @pytest.mark.slow
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_dir, tmp_path):
+    """A rank killed half-way through epoch 2 restarts the worker group from epoch 1's checkpoint;
+    the run ends bit for bit where the uninterrupted run of the same config ends."""
+    from tests.test_determinism import assert_same_tensors, metrics, tensors
     from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_encoder
     from trainer.launch import run_train_stage
     from trainer.worker import pretrain_loop
 
-    cfg = _tiny_cfg(tmp_path, data_dir, **{
-        "method.train.epochs": "3", "cluster.num_workers": "2", "cluster.max_failures": "1",
-        "cluster.debug.fail_at_epoch": "2", "cluster.debug.fail_rank": "1"})
+    two_workers = {"method.train.epochs": "3", "cluster.num_workers": "2", "cluster.max_failures": "1"}
+    cfg = _tiny_cfg(tmp_path, data_dir, **two_workers, **{"cluster.debug.fail_at_epoch": "2",
+                                                         "cluster.debug.fail_rank": "1"})
     name = cfg["run_name"] + "-train"
     result = run_train_stage(cfg, _stage(cfg), pretrain_loop, name)
     run_path = Path(cfg["cluster"]["storage_path"]) / name
@@ -137,8 +140,17 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, data_di
     ckpt = Path(result.checkpoint.path)
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
     assert state["epoch"] == 3 and state["resumed_at"] == [1] and state["world_size"] == 2
-    assert len(state["rng"]) == 2 and "loader" in state["rng"][1]["generators"]
+    assert len(state["ranks"]) == 2 and state["ranks"][1]["buffers"]["encoder"]
     load_encoder(ckpt / MODEL_FILE)
+
+    plain = _tiny_cfg(tmp_path / "uninterrupted", data_dir, **two_workers)
+    reference = run_train_stage(plain, _stage(plain), pretrain_loop, plain["run_name"] + "-train")
+    ref_ckpt = Path(reference.checkpoint.path)
+    for f in (MODEL_FILE, STATE_FILE):
+        assert_same_tensors(tensors(torch.load(ckpt / f, weights_only=True)),
+                            tensors(torch.load(ref_ckpt / f, weights_only=True)))
+    ref_state = torch.load(ref_ckpt / STATE_FILE, weights_only=True)
+    assert metrics(state["history"]) == metrics(ref_state["history"])
 
 
 @pytest.mark.slow
@@ -234,6 +246,18 @@ def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
     state = torch.load(last / STATE_FILE, weights_only=True)
     assert state["epoch"] == epochs and state["resumed_at"] == [done]
     assert (run / "results.json").exists()
+
+    # Bit for bit what the same command gives uninterrupted (another output folder, same run name).
+    from tests.test_determinism import assert_same_tensors, checkpoint_tensors, metrics
+
+    other = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={tmp_path / 'straight'}"]
+    straight = subprocess.run([sys.executable, "-m", "trainer.run", *other], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-5000:]
+    ref_run = tmp_path / "straight" / cfg["run_name"]
+    assert_same_tensors(checkpoint_tensors(run / "train"), checkpoint_tensors(ref_run / "train"))
+    assert metrics(json.loads((run / "results.json").read_text())["evaluations"]) == \
+        metrics(json.loads((ref_run / "results.json").read_text())["evaluations"])
 
     # Same run_name, different experiment: refused before anything starts.
     third = subprocess.run(cmd + ["method.train.lr=0.2", f"run_name={cfg['run_name']}"], cwd=ROOT, env=env,

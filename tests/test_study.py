@@ -47,12 +47,15 @@ def test_bad_studies_are_refused_before_ray(tmp_path):
 
 
 def test_table_layout():
-    rows = [{"scheme": s, "scenario": sc, "SA": 90.0 - i, "RA_PGD": 10.0 + i}
-            for s in ("SL", "CL") for i, sc in enumerate(SCENARIOS)]
+    rows = [{"scheme": s, "scenario": sc, "SA": 90.0 - i, "RA_PGD": 10.0 + i, "SA_std": 0.5, "RA_PGD_std": 0.25,
+             "n": 1} for s in ("SL", "CL") for i, sc in enumerate(SCENARIOS)]
     text = format_study_table(rows, 20)
     assert text.splitlines()[0].split("|")[0].strip().startswith("scheme")
     assert "SL" in text and "partial-AT" in text and "RA: PGD-20" in text
     assert "   87.00   13.00 |" in text.splitlines()[3]  # SL's full-AT cell
+    assert "std" not in text
+    several = format_study_table([{**r, "n": 3} for r in rows], 20)
+    assert "    0.50    0.25 |" in several.splitlines()[4] and "over 3 seeds" in several  # SL's spread line
 
 
 @pytest.mark.slow

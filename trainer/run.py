@@ -4,6 +4,7 @@
     python -m trainer.run preset=deacl_cifar10 cluster=ray # the paper's recipe on a cluster
     python -m trainer.run --cfg                            # print the composed config and exit
     python -m trainer.run --help attack                    # the keys of one config section
+    python -m trainer.run seeds=[0,1,2]                    # once per seed, mean ± std
 """
 from __future__ import annotations
 
@@ -22,11 +23,24 @@ def run(cl: CommandLine) -> int:
     from trainer.results import format_table
 
     preflight(cfg)
+    if cfg["seeds"]:
+        return run_several_seeds(cfg)
     results = run_recipe(cfg)
     print()
     print(format_table(results["table"], int(cfg["eval"]["pgd"]["steps"])))
     print(f"\nresults: {results['run_dir']}/results.json  (csv beside it); models: "
           + ", ".join(f"{k}={v}" for k, v in results["artifacts"].items()))
+    return 0
+
+
+def run_several_seeds(cfg: dict) -> int:
+    from trainer.seeds import format_seed_table, run_seeds
+
+    out = run_seeds(cfg)
+    print()
+    print(format_seed_table(out["summary"], int(cfg["eval"]["pgd"]["steps"])))
+    print(f"\nresults: {out['dir']}/results.json (csv beside it), {out['figure']}; per seed: "
+          + ", ".join(f"seed {s}: {d}" for s, d in out["runs"].items()))
     return 0
 
 

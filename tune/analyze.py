@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,23 @@ def best_command(sw: dict[str, Any], trial: dict[str, Any]) -> str:
         merged[key(a)] = a
     args = [a for k, a in merged.items() if k not in extra] + list(extra.values())
     return "python -m trainer.run " + " ".join(shlex.quote(a) for a in args)
+
+
+def seed_spread(sw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trials that differ only in `seed` (a searched key), full budget: the metric's mean, sample std, n."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in sw["trials"]:
+        if t["full_budget"] and isinstance(t["metric"], (int, float)) and "seed" in t["effective"]:
+            rest = {k: v for k, v in t["effective"].items() if k != "seed"}
+            groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(t)
+    rows = []
+    for key, trials in groups.items():
+        if len(trials) > 1:
+            values = [float(t["metric"]) for t in trials]
+            rows.append({**json.loads(key), "seeds": " ".join(str(t["effective"]["seed"]) for t in trials),
+                         "n": len(values), f"{sw['metric']}_mean": statistics.fmean(values),
+                         f"{sw['metric']}_std": statistics.stdev(values)})
+    return rows
 
 
 # --------------------------------------------------------------------------- plots
@@ -365,8 +383,16 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, top: int | Non
         files["best"] = str(out_dir / "best.json")
         log(f"\nbest: trial {t['trial_id']} ({sw['metric']} {_fmt(t['metric'])} after {t['epochs']} epochs)"
             f"; train it with:\n  {best['command']}")
+    spread = seed_spread(sw)
+    if spread:
+        with open(out_dir / "seed_spread.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(spread[0]))
+            w.writeheader()
+            w.writerows(spread)
+        files["seed_spread"] = str(out_dir / "seed_spread.csv")
+        log("\nspread over seeds (configurations that ran with several seeds):\n" + format_leaderboard(spread))
     log("written: " + ", ".join(files.values()))
-    return {"sweep": sw, "rows": rows, "best": best, "files": files}
+    return {"sweep": sw, "rows": rows, "best": best, "files": files, "seed_spread": spread}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,12 +32,14 @@ import copy
 import csv
 import hashlib
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from conf import ConfigError, compose
 from conf.cli import CommandLine, cli_main
+from trainer.seeds import seed_config
 
 SCENARIOS: dict[str, tuple[str, str]] = {  # scenario -> (pre-training, evaluation protocol)
     "ST": ("standard", "slf"),
@@ -89,6 +91,7 @@ def compose_study(overrides: list[str]) -> dict[str, Any]:
     shared = [f"output_dir={study_dir / 'runs'}", f"data.beton_dir={base['data']['beton_dir']}",
               f"cluster.storage_path={study_dir / 'ray_results'}"]
     trials: dict[str, dict[str, Any]] = {}
+    seeds = list(base["seeds"] or [base["seed"]])
     for scheme in run:
         sch = schemes[scheme]
         for kind in PRETRAININGS:
@@ -99,37 +102,28 @@ def compose_study(overrides: list[str]) -> dict[str, Any]:
                 cfg = compose(ov)
             except ConfigError as e:
                 raise ConfigError(f"study trial {scheme}-{kind}: {e}") from e
-            trials[f"{scheme}-{kind}"] = cfg
+            for seed in seeds:
+                trials[trial_key(scheme, kind, seed, seeds)] = seed_config(cfg, seed) if len(seeds) > 1 else cfg
     analysis_cfg = compose(["+analysis=default", *trial_ov, *analysis_ov, *shared])
-    return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run},
+    return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run}, "seeds": seeds,
             "trials": trials, "analysis_cfg": analysis_cfg, "cka": s["cka"],
             "max_concurrent_trials": s["max_concurrent_trials"], "base": base,
             "overrides": list(overrides)}
 
 
-def _trial_fn(params: dict[str, Any], trials: dict[str, dict[str, Any]] | None = None) -> None:
-    """One trial: pre-train + SLF/ALF evaluation through the recipe runner; one Tune report."""
-    from ray import tune
-
-    from trainer.recipes import run_recipe
-
-    key = params["trial"]
-    cfg = trials[key]
-    results = run_recipe(cfg)
-    metrics = next(iter(results["evaluations"].values()), {})
-    tune.report({"trial": key, "run_dir": results["run_dir"],
-                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+def trial_key(scheme: str, kind: str, seed: int, seeds: list[int]) -> str:
+    return f"{scheme}-{kind}" if len(seeds) == 1 else f"{scheme}-{kind}-seed{seed}"
 
 
 def run_study(study: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or restore) the grid, then write the comparison table and the CKA figures."""
     import ray
-    from ray import tune
 
     from data_pipeline.write import ensure_betons
+    from trainer.grid import per_trial_resources, run_recipe_grid, trials_that_fit
     from trainer.launch import use_gpu
     from trainer.recipes import preflight, run_dir
-    from tune.search import init_ray_for_sweep, max_concurrent, per_trial_resources
+    from tune.search import init_ray_for_sweep
 
     out = Path(study["dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -138,30 +132,15 @@ def run_study(study: dict[str, Any], log: Callable[[str], None] = print) -> dict
     ensure_betons(first["data"], list(first["data"]["splits"]), log=log)
     init_ray_for_sweep(first)
     gpu = use_gpu(first)
-    limit = study["max_concurrent_trials"] or max_concurrent(first, ray.cluster_resources(), gpu)
+    limit = trials_that_fit(first, ray.cluster_resources(), gpu, study["max_concurrent_trials"])
     (out / STUDY_FILE).write_text(json.dumps(
         {"name": study["name"], "run": study["run"], "schemes": study["schemes"], "overrides": study["overrides"],
+         "seeds": study["seeds"],
          "trials": {k: {"run_dir": str(run_dir(c)), "method": c["method"]} for k, c in study["trials"].items()}},
         indent=2, default=str))
-    log(f"[study] {len(study['trials'])} trials ({', '.join(study['trials'])}), {limit} at once, each "
-        f"{per_trial_resources(first, gpu)}; folder {out}")
+    log(f"[study] {len(study['trials'])} trials, each {per_trial_resources(first, gpu)}; folder {out}")
     t0 = time.time()
-    trainable = tune.with_resources(tune.with_parameters(_trial_fn, trials=study["trials"]), {"cpu": 0.01})
-    tune_path = str(out / "tune")
-    if tune.Tuner.can_restore(tune_path):
-        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space={"trial": tune.grid_search(list(study["trials"]))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=int(limit), reuse_actors=False,
-                                        trial_name_creator=lambda t: f"trial_{t.config['trial']}",
-                                        trial_dirname_creator=lambda t: f"trial_{t.config['trial']}"),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1))
-    grid = tuner.fit()
-    if grid.num_errors:
-        failed = [r.config.get("trial") for r in grid if r.error]
-        raise RuntimeError(f"study trials failed: {failed}; run the same command again to retry them "
-                           f"(finished stages are reused). Logs: {tune_path}")
+    run_recipe_grid(study["trials"], out, limit, log=log)
     log(f"[study] grid done in {time.time() - t0:.0f}s")
     rows = study_rows(study)
     write_table(out, rows, study)
@@ -180,15 +159,23 @@ def _evaluation(cfg: Mapping[str, Any]) -> dict[str, float]:
     return next(iter(res["evaluations"].values()))
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def study_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per (scheme, scenario): SA / RA (PGD) / AA in percent, read from each trial's results."""
-    rows = []
+    """One row per (scheme, scenario): SA / RA (PGD) / AA in percent (the mean over the seeds, with
+    their sample std and n), read from each trial's results."""
+    rows, seeds = [], study["seeds"]
     for scheme in study["run"]:
         for scenario, (kind, protocol) in SCENARIOS.items():
-            m = _evaluation(study["trials"][f"{scheme}-{kind}"])
-            rows.append({"scheme": scheme, "scenario": scenario, "pretraining": kind, "protocol": protocol.upper(),
-                         "SA": 100 * m[f"{protocol}_sa"], "RA_PGD": 100 * m[f"{protocol}_ra"],
-                         "AA": 100 * m[f"{protocol}_aa"] if f"{protocol}_aa" in m else None})
+            ms = [_evaluation(study["trials"][trial_key(scheme, kind, s, seeds)]) for s in seeds]
+            row = {"scheme": scheme, "scenario": scenario, "pretraining": kind, "protocol": protocol.upper(),
+                   "n": len(ms)}
+            for name, key in (("SA", "sa"), ("RA_PGD", "ra"), ("AA", "aa")):
+                values = [100 * m[f"{protocol}_{key}"] for m in ms if f"{protocol}_{key}" in m]
+                row[name], row[f"{name}_std"] = _spread(values) if values else (None, None)
+            rows.append(row)
     return rows
 
 
@@ -200,7 +187,11 @@ def format_study_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
     for scheme in dict.fromkeys(r["scheme"] for r in rows):
         cells = {r["scenario"]: r for r in rows if r["scheme"] == scheme}
         lines.append(f"{scheme:<8}" + "".join(f"{cells[s]['SA']:8.2f}{cells[s]['RA_PGD']:8.2f} |" for s in scen))
-    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy, in %. ST: standard encoder + SLF head; "
+        if rows[0]["n"] > 1:
+            lines.append(f"{'  ± std':<8}" + "".join(f"{cells[s]['SA_std']:8.2f}{cells[s]['RA_PGD_std']:8.2f} |"
+                                                   for s in scen))
+    seeds = f" Mean and sample std over {rows[0]['n']} seeds." if rows and rows[0]["n"] > 1 else ""
+    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy, in %.{seeds} ST: standard encoder + SLF head; "
                  "AT: adversarial encoder + SLF; partial-AT: standard encoder + ALF (adversarial head); "
                  "full-AT: adversarial encoder + ALF.")
     return "\n".join(lines)
@@ -213,7 +204,8 @@ def write_table(out: Path, rows: list[dict[str, Any]], study: Mapping[str, Any])
     (out / "study_table.md").write_text("```\n" + table + "\n```\n")
     (out / "study_table.json").write_text(json.dumps(rows, indent=2))
     with open(out / "study_table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["scheme", "scenario", "pretraining", "protocol", "SA", "RA_PGD", "AA"])
+        w = csv.DictWriter(f, fieldnames=["scheme", "scenario", "pretraining", "protocol", "SA", "RA_PGD", "AA",
+                                          "SA_std", "RA_PGD_std", "AA_std", "n"])
         w.writeheader()
         w.writerows(rows)
 
@@ -237,7 +229,9 @@ def plot_scenarios(out: Path, rows: list[dict[str, Any]]) -> Path:
         ra = [next(r["RA_PGD"] for r in rows if r["scheme"] == sc and r["scenario"] == s) for sc in schemes]
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, sa, width * 0.95, color=colours(i), alpha=0.35)
-        ax.bar(pos, ra, width * 0.95, color=colours(i), label=s)
+        ra_std = [next(r["RA_PGD_std"] for r in rows if r["scheme"] == sc and r["scenario"] == s) for sc in schemes]
+        ax.bar(pos, ra, width * 0.95, color=colours(i), label=s, yerr=ra_std if rows[0]["n"] > 1 else None,
+               capsize=3)
     ax.set_xticks(x, schemes)
     ax.set_ylabel("accuracy (%)  [light: clean SA, dark: PGD RA]")
     ax.set_ylim(0, 100)
@@ -260,7 +254,7 @@ def run_cka(study: Mapping[str, Any], out: Path, log: Callable[[str], None] = pr
     for scheme in study["run"]:
         paths = {}
         for kind in PRETRAININGS:
-            d = run_dir(dict(study["trials"][f"{scheme}-{kind}"]))
+            d = run_dir(dict(study["trials"][trial_key(scheme, kind, study["seeds"][0], study["seeds"])]))
             paths[kind] = (str(d / "train" / "model.pt"), str(d / "evaluate" / "classifier_slf.pt"))
         res = run_analysis(study["analysis_cfg"], paths["adversarial"][0], paths["standard"][0],
                            paths["adversarial"][1], paths["standard"][1], out=str(out / "cka" / scheme), log=log,

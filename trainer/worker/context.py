@@ -41,12 +41,22 @@ def setup_worker(cfg: Mapping[str, Any]) -> WorkerContext:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if cfg["deterministic"]:
+        deterministic_algorithms()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg["deterministic"]
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return WorkerContext(rank, world, device, threads)
+
+
+def deterministic_algorithms() -> None:
+    """`deterministic=true`: PyTorch's deterministic kernels (an op without one warns), cuDNN's
+    deterministic convolutions, cuBLAS's fixed workspace (set before the first cuBLAS call)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
 
 
 def ddp_wrapper(cfg: Mapping[str, Any], ctx: WorkerContext) -> Callable[[nn.Module], nn.Module]:

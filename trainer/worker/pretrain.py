@@ -110,16 +110,16 @@ def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochH
 
 def report_epoch(cfg: Mapping[str, Any], state: TrainState, encoder: Encoder, report: dict[str, Any],
                  ctx: WorkerContext) -> dict[str, float]:
-    """Checkpoint (rank 0 writes, every rank's RNG is in it) and `ray.train.report`; their seconds."""
+    """Checkpoint (rank 0 writes it, every rank's own state is in it) and `ray.train.report`; their seconds."""
     import ray.train
 
     t = time.perf_counter()
-    rngs = state.gather_rng(ctx)  # a collective: before rank 0 writes
+    ranks = state.gather_ranks(ctx)  # a collective: every rank's RNG and BN statistics, before rank 0 writes
     state.end_epoch(report)
     directory = None
     if ctx.is_main:
         directory = new_checkpoint_dir()
-        state.save(directory, encoder, cfg, rngs, ctx.world_size)
+        state.save(directory, encoder, cfg, ranks)
     written = time.perf_counter()
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
     if directory:

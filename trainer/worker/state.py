@@ -5,8 +5,13 @@ next stage load), `model_full.pt` (the trainable module when it differs, e.g. du
 classifier head) and `state.pt`: the stage's identity (config hash, run, recipe, stage, method),
 epochs done, optimiser, schedule, the method's other modules, every rank's RNG streams (the
 loader's colour-augmentation generator included), the epochs at which the run was resumed and
-the history of every epoch's report. The loader's position is the epoch count: epoch e's shuffle
-order and augmentation stream are functions of (seed, e, rank).
+the history of every epoch's report, and every rank's own state: its RNG streams and its modules'
+buffers (BatchNorm running statistics stay per rank under DDP, and a rank's PGD in eval mode reads
+its own). The loader's position is the epoch count: epoch e's shuffle order is a function of
+(seed, e) and every augmentation of (seed, e, sample index, view).
+
+Resuming continues exactly: a run resumed from the checkpoint of epoch k (an interrupted epoch k+1
+is restarted from its beginning) ends with the same weights and metrics as the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -48,38 +53,40 @@ class TrainState:
     resumed_at: list[int] = field(default_factory=list)
     saved_world_size: int | None = None      # workers of the run that wrote the restored checkpoint
 
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"loader": self.loader.generator}
-
     def end_epoch(self, report: Mapping[str, Any]) -> None:
         self.epoch += 1
         self.history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
 
     # ---------------------------------------------------------------------------------- saving
-    def gather_rng(self, ctx: WorkerContext) -> list[dict[str, Any]]:
-        """Every rank's RNG streams (a collective: every rank calls it)."""
-        mine = rng_state(self.generators())
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state: RNG streams and the buffers of the checkpointed modules."""
+        buffers = {name: {k: b.detach().cpu() for k, b in m.named_buffers()}
+                   for name, m in self.method.modules_to_checkpoint().items()}
+        return {"rng": rng_state(), "buffers": buffers}
+
+    def gather_ranks(self, ctx: WorkerContext) -> list[dict[str, Any]]:
+        """Every rank's own state (a collective: every rank calls it)."""
+        mine = self.rank_state()
         if not ctx.distributed:
             return [mine]
         gathered: list[Any] = [None] * ctx.world_size
         torch.distributed.all_gather_object(gathered, mine)
         return gathered
 
-    def state_dict(self, rngs: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         modules = {k: m.state_dict() for k, m in self.method.modules_to_checkpoint().items() if k != "encoder"}
-        return {**self.identity, "epoch": self.epoch, "world_size": world_size, "rng": rngs,
+        return {**self.identity, "epoch": self.epoch, "world_size": len(ranks), "ranks": ranks,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "modules": modules, "resumed_at": self.resumed_at, "history": self.history}
 
-    def save(self, directory: str, exported: Encoder, cfg: Mapping[str, Any], rngs: list[dict[str, Any]],
-             world_size: int) -> None:
+    def save(self, directory: str, exported: Encoder, cfg: Mapping[str, Any], ranks: list[dict[str, Any]]) -> None:
         """Rank 0: write model.pt (+ model_full.pt) and state.pt into `directory`."""
         meta = {"method": self.identity["method"], "stage": self.identity["stage"], "epoch": self.epoch}
         stats = cfg["data"]["stats"]
         save_model(os.path.join(directory, MODEL_FILE), exported, cfg["model"], stats, meta)
         if exported is not self.method.encoder:
             save_model(os.path.join(directory, FULL_MODEL_FILE), self.method.encoder, cfg["model"], stats, meta)
-        atomic_save(self.state_dict(rngs, world_size), os.path.join(directory, STATE_FILE))
+        atomic_save(self.state_dict(ranks), os.path.join(directory, STATE_FILE))
 
     # ---------------------------------------------------------------------------------- restoring
     def load_state_dict(self, state: Mapping[str, Any], rank: int) -> None:
@@ -88,9 +95,13 @@ class TrainState:
             modules[name].load_state_dict(module_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        # Each rank continues its own streams; with a different worker count, ranks beyond the
-        # saved ones reuse the last saved state (the run continues, not bit-exactly).
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], self.generators())
+        # Each rank continues its own streams and statistics; with a different worker count, ranks
+        # beyond the saved ones take the last saved rank's (the run continues, not bit-exactly).
+        mine = state["ranks"][min(rank, len(state["ranks"]) - 1)]
+        set_rng_state(mine["rng"])
+        for name, module in modules.items():
+            for key, value in mine["buffers"].get(name, {}).items():
+                module.get_buffer(key).copy_(value)
         self.epoch = int(state["epoch"])
         self.resumed_at = [int(e) for e in state["resumed_at"]] + [self.epoch]
         self.history = [dict(r) for r in state["history"]]
