@@ -32,6 +32,17 @@ def test_plan_has_every_scheme_twice_and_shares_data(tmp_path):
     assert compose_study([f"output_dir={tmp_path}", "method.train.epochs=3"])["dir"] != study["dir"]
 
 
+def test_study_with_several_seeds(tmp_path):
+    from tune.study import trial_key
+
+    study = compose_study([f"output_dir={tmp_path}", "seeds=[0,1]"])
+    assert study["seeds"] == [0, 1] and len(study["trials"]) == 12
+    t = study["trials"]
+    a, b = t[trial_key("SL", "standard", 0, [0, 1])], t[trial_key("SL", "standard", 1, [0, 1])]
+    assert (a["seed"], b["seed"], a["seeds"]) == (0, 1, None) and a["run_name"] != b["run_name"]
+    assert {k for k in t if k.startswith("SL-standard")} == {"SL-standard-seed0", "SL-standard-seed1"}
+
+
 def test_bad_studies_are_refused_before_ray(tmp_path):
     with pytest.raises(ConfigError, match=r"study.run contains 'RL': allowed: SL, CL, SCL"):
         compose_study([f"output_dir={tmp_path}", "study.run=[SL,RL]"])

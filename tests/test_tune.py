@@ -249,3 +249,16 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert main(["tune=demo", "tune.mode=up", f"output_dir={tmp_path}"]) == 2
     assert "tune.mode='up' is invalid" in capsys.readouterr().err
     assert main(["tune=demo", "resume=maybe"]) == 2
+
+
+def test_seed_spread_groups_trials_that_differ_only_in_seed():
+    from tune.analyze import seed_spread
+
+    def trial(seed, lam, metric, full=True):
+        return {"effective": {"seed": seed, "method.lam": lam}, "metric": metric, "full_budget": full}
+
+    sw = {"metric": "objective", "trials": [trial(0, 1.0, 0.5), trial(1, 1.0, 0.7), trial(2, 1.0, 0.6),
+                                            trial(0, 2.0, 0.4), trial(1, 2.0, 0.9, full=False)]}
+    (row,) = seed_spread(sw)
+    assert row["method.lam"] == 1.0 and row["n"] == 3 and row["seeds"] == "0 1 2"
+    assert row["objective_mean"] == pytest.approx(0.6) and row["objective_std"] == pytest.approx(0.1)
