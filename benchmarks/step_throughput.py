@@ -4,11 +4,14 @@ The *project* side is exactly what a worker runs per batch: `build_method` ->
 `trainer.worker.prepare_method` (channels_last, torch.compile when asked) -> `trainer.worker.TrainStep`
 (autocast, `method.training_step`, backward, the configured optimiser). The *reference* side is
 the same step written the straightforward way, as the papers' code does it: fp32, NCHW, one
-forward pass per input batch, the teacher (DeACL) / the attack target (RoCL) computed with
-autograd on, and PGD calling `loss.backward()` so that every parameter gradient is computed at
-every attack step and then zeroed; the optimiser is plain `torch.optim.SGD` (for-loop on CPU,
-its default) or a per-parameter LARS loop. Same model class and initial weights, same batch,
-same preloaded tensors (no loader), same device and threads.
+forward pass per input batch as the authors' code batches them, the teacher (DeACL) / the attack
+target (RoCL) computed with autograd on, and PGD calling `loss.backward()` so that every parameter
+gradient is computed at every attack step and then zeroed; the optimiser is plain
+`torch.optim.SGD` (for-loop on CPU, its default) or the references' per-parameter LARS (ACL's
+optimizer/lars.py, torchlars for RoCL). These references are written from the authors' code,
+not from this project's: tests/test_benchmarks.py checks that they agree with it.
+Same model class and initial weights, same batch, same preloaded tensors (no loader), same device
+and threads.
 
 The two sides run interleaved in one process (project, reference, reference, project, ...),
 `--steps` steps per timed run, `--rounds` runs each; the figures are medians, the ratio is the
@@ -64,19 +67,27 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 # ----------------------------------------------------------------------------- the reference
 
 def ref_pgd(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
-            a: PGDConfig) -> torch.Tensor:
-    """L-inf PGD as the papers' code writes it: loss.backward() (parameter grads too), zero_grad."""
+            a: PGDConfig, clamp_start: bool = False) -> torch.Tensor:
+    """L-inf PGD as ACL's PGD_contrastive / DeACL's generate_training_AE write it: a delta parameter
+    started at U(-eps, eps) *without* clipping x + delta (RoCL's RepresentationAdv clips it:
+    `clamp_start`), loss.backward() (parameter grads too), delta += alpha sign(grad), delta clipped
+    to the ball and x + delta to [0, 1]."""
     x = x.detach()
-    x_adv = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).clamp(0, 1)
+    delta = torch.rand_like(x) * 2 * a.eps - a.eps
+    if clamp_start:
+        delta = (x + delta).clamp(0, 1) - x
+    delta.requires_grad_(True)
     for _ in range(a.steps):
-        x_adv.requires_grad_(True)
-        loss = objective(x_adv).sum()
+        loss = objective(x + delta).sum()
         model.zero_grad()
         loss.backward()
-        step = a.alpha * x_adv.grad.sign()
-        x_adv = torch.min(torch.max(x_adv.detach() + step, x - a.eps), x + a.eps).clamp(0, 1)
+        with torch.no_grad():
+            delta += a.alpha * delta.grad.sign()
+            delta.clamp_(-a.eps, a.eps)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+        delta.grad = None
     model.zero_grad()
-    return x_adv.detach()
+    return (x + delta).detach()
 
 
 def ref_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -101,35 +112,62 @@ def ref_multi_positive(views: list[torch.Tensor], t: float, detach_right: bool) 
 
 
 class RefLARS(torch.optim.Optimizer):
-    """The LARS loop of SimCLR/ACL code: one parameter at a time."""
+    """ACL's optimizer/lars.py, one parameter at a time: local_lr = eta |w| / (|g| + wd |w|) (1 where a
+    norm is below 1e-15), every parameter (biases and BN too); the momentum buffer accumulates
+    lr * local_lr * (g + wd w), starting from zeros, and the parameter moves by -buffer."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, eta: float = 0.001) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0005,
+                 eta: float = 0.001) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
+            wd, lr = group["weight_decay"], group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if p.ndim > 1:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    p_norm, g_norm = torch.norm(p), torch.norm(g)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
-                                        torch.ones_like(p_norm))
-                    g = g.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = g.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                w_norm, g_norm = float(p.norm()), float(p.grad.norm())
+                local = 1.0 if w_norm < 1e-15 or g_norm < 1e-15 else group["eta"] * w_norm / (g_norm + wd * w_norm)
+                state = self.state[p]
+                if "buf" not in state:
+                    state["buf"] = torch.zeros_like(p)
+                state["buf"].mul_(group["momentum"]).add_(lr * local * (p.grad + wd * p))
+                p.sub_(state["buf"])
 
 
-def ref_optimizer(params, train: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+class RefTorchLARS:
+    """torchlars' LARS (RoCL): around torch.optim.SGD with its weight decay hidden, each gradient
+    becomes adaptive_lr * (g + wd w), adaptive_lr = eta |w| / (|g| + wd |w| + eps) (1 where |w| or |g|
+    is 0), every parameter; then SGD's momentum step."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, eps: float = 1e-8,
+                 trust_coef: float = 0.001) -> None:
+        self.sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
+        self.wd, self.eps, self.trust = weight_decay, eps, trust_coef
+        self.param_groups = self.sgd.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sgd.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.sgd.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w_norm, g_norm = float(p.norm()), float(p.grad.norm())
+                rate = self.trust * w_norm / (g_norm + self.wd * w_norm + self.eps) if w_norm > 0 and g_norm > 0 else 1.0
+                p.grad.add_(p, alpha=self.wd).mul_(rate)
+        self.sgd.step()
+
+
+def ref_optimizer(params, train: dict[str, Any], lr: float, kind: str = "acl"):
+    """The reference's optimiser: SGD, or LARS as ACL's code (kind=acl) or torchlars (RoCL) has it."""
     wd, mom = float(train.get("weight_decay", 0.0)), float(train.get("momentum", 0.9))
     if train["optimizer"] == "lars":
+        if kind == "torchlars":
+            return RefTorchLARS(params, lr=lr, momentum=mom, weight_decay=wd)
         return RefLARS(params, lr=lr, momentum=mom, weight_decay=wd)
     return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
 
@@ -150,8 +188,8 @@ class RefDeACL:
         x_adv = ref_pgd(self.student, x, lambda xa: -F.cosine_similarity(self.student(xa), f_t.detach()),
                         self.attack)
         self.student.train()
-        f_s = self.student(x)
-        f_adv = self.student(x_adv)
+        f_all = self.student(torch.cat([x, x_adv]))  # one forward of [x; x'] (image_CAT)
+        f_s, f_adv = f_all[:x.shape[0]], f_all[x.shape[0]:]
         loss = -F.cosine_similarity(f_s, f_t).mean() - self.lam * F.cosine_similarity(f_adv, f_s).mean()
         self.opt.zero_grad()
         loss.backward()  # also runs back through the teacher
@@ -195,21 +233,21 @@ class RefRoCL:
         self.t, self.lam = float(mcfg.get("temperature", 0.5)), float(mcfg.get("lam", 256.0))
         self.detach_right = bool(mcfg.get("detach_right", True))
         self.scale = 2.0 if mcfg.get("sum_positives", True) else 1.0
-        self.opt = ref_optimizer(model.parameters(), mcfg["train"], lr)
+        self.opt = ref_optimizer(model.parameters(), mcfg["train"], lr, kind="torchlars")
 
     def __call__(self, views: list[torch.Tensor]) -> None:
         _, x_t, x_t2 = views
+        b = x_t.shape[0]
         self.model.eval()
         target = self.model(x_t2, project=True)[1]  # autograd on, as in the reference
         x_adv = ref_pgd(self.model, x_t,
                         lambda xa: ref_multi_positive([self.model(xa, project=True)[1], target.detach()],
-                                                      self.t, self.detach_right), self.attack)
+                                                      self.t, self.detach_right), self.attack, clamp_start=True)
         self.model.train()
-        z_t = self.model(x_t, project=True)[1]
-        z_t2 = self.model(x_t2, project=True)[1]
-        z_adv = self.model(x_adv, project=True)[1]
-        loss = (self.scale * ref_multi_positive([z_t, z_t2, z_adv], self.t, self.detach_right)
-                + ref_multi_positive([z_adv, z_t2], self.t, self.detach_right) / self.lam)
+        z_r = self.model(torch.cat([x_adv, x_t2]), project=True)[1]  # get_loss's own forward: [x_adv; t']
+        z = self.model(torch.cat([x_t, x_t2, x_adv]), project=True)[1]
+        loss = (self.scale * ref_multi_positive([z[:b], z[b:2 * b], z[2 * b:]], self.t, self.detach_right)
+                + ref_multi_positive([z_r[:b], z_r[b:]], self.t, self.detach_right) / self.lam)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()

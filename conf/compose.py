@@ -38,9 +38,17 @@ def defaults_tree(model: type[BaseModel], skip: tuple[str, ...] = ()) -> dict[st
         if info.is_required():
             node[name] = defaults_tree(tp) if isinstance(tp, type) and issubclass(tp, BaseModel) else "???"
             continue
-        value = info.get_default(call_default_factory=True)
-        node[name] = value.model_dump() if isinstance(value, BaseModel) else value
+        node[name] = _plain(info.get_default(call_default_factory=True))
     return node
+
+
+def _plain(value: Any) -> Any:
+    """A default as Hydra can hold it: models (also inside dicts) as plain dicts."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def register_schema_defaults() -> None:

@@ -67,10 +67,39 @@ class Attack(Section):
     """threat model"""
     gather_negatives: bool = True
     """contrastive attack objectives see every rank's batch (as on one GPU); false: this rank's only"""
+    random_start: bool = True
+    """start from a random point of the ball (false: from x itself, delta = 0, as the empirical study)"""
+    start: Literal["uniform", "normal"] = "uniform"
+    """random start: uniform U(-eps, eps) (Madry, ACL, DeACL, RoCL) | normal x + 0.001 N(0, 1) (TRADES)"""
+    clamp_start: bool = False
+    """clip the random start x + delta to [0, 1] before the first gradient (RoCL does; ACL, DeACL, TRADES do not)"""
 
 
 def _attack(steps: int) -> Any:
     return Field(default_factory=lambda: Attack(steps=steps))
+
+
+class MethodAttack(Section):
+    """A method's own training-attack settings: each non-null key replaces the `attack` group's value."""
+
+    eps: Annotated[float, Field(ge=0, le=1, json_schema_extra={"hint": EPS_HINT})] | None = None
+    """radius (null: attack.eps)"""
+    alpha: PositiveFloat | None = None
+    """step size (null: attack.alpha)"""
+    steps: PositiveInt | None = None
+    """PGD steps (null: attack.steps)"""
+    random_start: bool | None = None
+    """random start (null: attack.random_start)"""
+    start: Literal["uniform", "normal"] | None = None
+    """kind of random start (null: attack.start)"""
+    clamp_start: bool | None = None
+    """clip the random start to [0, 1] (null: attack.clamp_start)"""
+    gather_negatives: bool | None = None
+    """contrastive attack objectives see every rank's batch (null: attack.gather_negatives)"""
+
+
+def _method_attack(**values: Any) -> Any:
+    return Field(default_factory=lambda: MethodAttack(**values))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -149,7 +178,7 @@ class Data(Section):
 
 
 class Model(Section):
-    """Backbone and projector."""
+    """Backbone and the projector's default widths (each method's `projector` sets its layout)."""
 
     arch: Literal[ARCHS] = "resnet18"  # type: ignore[valid-type]
     """backbone"""
@@ -158,12 +187,50 @@ class Model(Section):
     stem_padding: Literal[0, 1, 2, 3] = 1
     """padding of the 3x3 stem: 1 (ACL/RoCL) or 2 (DeACL/solo-learn)"""
     proj_hidden_dim: PositiveInt = 2048
-    """hidden width of the projector MLP"""
+    """hidden width of the projector MLP (where the method's projector.hidden_dim is null)"""
     proj_output_dim: PositiveInt = 128
-    """output width of the projector MLP"""
+    """output width of the projector MLP (where the method's projector.output_dim is null)"""
+
+
+class Projector(Section):
+    """Layout of a method's projector MLP (Linear layers with ReLU between them)."""
+
+    layers: PositiveInt = 2
+    """number of Linear layers"""
+    hidden_dim: PositiveInt | Literal["feature"] | None = None
+    """width of the hidden layers: a number | feature (the backbone's feature width) | null (model.proj_hidden_dim)"""
+    output_dim: PositiveInt | Literal["feature"] | None = None
+    """output width: a number | feature | null (model.proj_output_dim)"""
+    bn: Literal["hidden", "all", "none"] = "hidden"
+    """BatchNorm1d after each hidden Linear | after every Linear, the last too (ACL) | none (RoCL, the study)"""
+    bias: Literal["last", "first", "all", "none"] = "last"
+    """which Linear layers have a bias: last | first (ACL) | all (RoCL, solo-learn, the study) | none"""
+
+
+def _projector(**values: Any) -> Any:
+    return Field(default_factory=lambda: Projector(**values))
 
 
 # ------------------------------------------------------------------------------------ methods
+
+class LARS(Section):
+    """How LARS computes and applies its layer-wise trust ratio (optimizer=lars)."""
+
+    eta: PositiveFloat = 0.001
+    """trust coefficient"""
+    trust_norm: Literal["sum", "combined"] = "sum"
+    """trust = eta |w| / (|g| + wd |w| + eps) (torchlars, ACL, solo-learn) | eta |w| / |g + wd w| (SimCLR's TF LARS)"""
+    eps: NonNegFloat = 1e-8
+    """eps of the sum denominator (torchlars, solo-learn: 1e-8; ACL: 0)"""
+    zero_threshold: NonNegFloat = 0.0
+    """trust 1 where |w| or |g| is below this or 0 (ACL: 1e-15, which catches a bias before a BN; others: 0)"""
+    exclude_1d: bool = False
+    """1-d parameters (biases, BN) get no trust ratio and no weight decay (SimCLR's TF LARS, solo-learn); false: all adapted (ACL, torchlars)"""
+    clip: bool = False
+    """solo-learn's clip: trust ratio min(trust / lr, 1)"""
+    lr_in_momentum: bool = False
+    """the lr scales the step before it enters the momentum buffer (ACL, SimCLR's TF LARS); false: after (torch SGD)"""
+
 
 class Train(Section):
     """Optimisation of a training stage (a method's pre-training)."""
@@ -172,8 +239,8 @@ class Train(Section):
     """epochs of the stage"""
     batch_size: PositiveInt
     """global batch (split across cluster.num_workers)"""
-    optimizer: Literal["sgd", "lars"]
-    """optimiser"""
+    optimizer: Literal["sgd", "lars", "adam"]
+    """optimiser (adam: torch's Adam, betas 0.9 / 0.999, as the empirical study)"""
     lr: PositiveFloat
     """peak learning rate (before lr_scaling)"""
     lr_scaling: Literal["linear", "none"] = "linear"
@@ -190,6 +257,11 @@ class Train(Section):
     """schedule=step: lr / 10 at these epochs"""
     fused: bool | Auto = "auto"
     """SGD: the fused kernel (auto: where this torch has one)"""
+    lars: LARS = Field(default_factory=LARS)
+    """LARS's trust ratio (optimizer=lars)"""
+
+
+Forwards = Literal["three", "two", "one"]
 
 
 class MethodBase(Section):
@@ -197,6 +269,8 @@ class MethodBase(Section):
 
     train: Train
     """optimisation of the stage"""
+    attack: MethodAttack = Field(default_factory=MethodAttack)
+    """the method's own training-attack settings (null: the attack group's)"""
 
 
 class SimCLR(MethodBase):
@@ -238,6 +312,8 @@ class ACL(MethodBase):
     """attack with BN in train mode (false: eval mode, as the reference)"""
     a2s_dual_bn: bool = True
     """a2s: clean view through `normal` BNs, adversarial view through `pgd` BNs"""
+    projector: Projector = _projector(layers=3, hidden_dim="feature", output_dim="feature", bn="all", bias="first")
+    """projector layout (ACL's proj_head: Linear(bias)-BN-ReLU-Linear-BN-ReLU-Linear-BN, 512 wide, BNs dual)"""
 
 
 class RoCL(MethodBase):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.step_throughput import RefLARS, ref_multi_positive, ref_nt_xent
+from benchmarks.step_throughput import RefLARS, RefTorchLARS, ref_multi_positive, ref_nt_xent, ref_pgd
+from trainer.attacks import PGDConfig, pgd_attack
 from trainer.losses import multi_positive_nt_xent, nt_xent
 from trainer.optim import LARS
 
@@ -32,20 +33,47 @@ def test_reference_losses_match_the_project():
                               multi_positive_nt_xent(z, 0.5, gather=False, detach_right=detach), atol=1e-6)
 
 
-def test_reference_lars_matches_the_project():
+@pytest.mark.parametrize("kind", ["acl", "torchlars"])
+def test_reference_lars_matches_the_project(kind):
+    """The benchmark's LARS (written from ACL's optimizer/lars.py and from torchlars) and the project's
+    LARS configured as conf/method/acl.yaml / rocl.yaml take the same steps, the learning rate changing
+    between steps (where it enters the momentum matters), 1-d and all-zero parameters included."""
     torch.manual_seed(0)
-    params = [torch.randn(4, 3), torch.randn(3)]
-    grads = [torch.randn_like(p) for p in params]
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64),
+              torch.zeros(3, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    project = {"acl": dict(eps=0.0, lr_in_momentum=True, zero_threshold=1e-15), "torchlars": {}}[kind]
     out = []
-    for cls in (LARS, RefLARS):
+    for make in (lambda ps: LARS(ps, lr=0.5, momentum=0.9, weight_decay=1e-4, **project),
+                 lambda ps: (RefLARS if kind == "acl" else RefTorchLARS)(ps, lr=0.5, momentum=0.9, weight_decay=1e-4)):
         ps = [torch.nn.Parameter(p.clone()) for p in params]
-        opt = cls(ps, lr=0.5, momentum=0.9, weight_decay=1e-4)
-        for _ in range(2):
-            for p, gr in zip(ps, grads):
+        opt = make(ps)
+        for step, gs in enumerate(grads):
+            for group in opt.param_groups:
+                group["lr"] = 0.5 / (step + 1)
+            for p, gr in zip(ps, gs):
                 p.grad = gr.clone()
             opt.step()
         out.append(ps)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(*out))
+    assert not torch.allclose(out[0][0], params[0])
+
+
+def test_reference_pgd_matches_the_project_start():
+    """ref_pgd (ACL's / DeACL's unclipped start, RoCL's clipped one) equals the engine with clamp_start."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
+    x = torch.rand(5, 3, 2, 2, dtype=torch.float64)
+    x[:, 0] = 0.0
+    x[:, 1] = 1.0
+    y = torch.tensor([0, 1, 2, 0, 1])
+    objective = lambda xa: torch.nn.functional.cross_entropy(model(xa), y, reduction="none")  # noqa: E731
+    for clamp in (False, True):
+        cfg = PGDConfig(eps=8 / 255, alpha=2 / 255, steps=3, clamp_start=clamp)
+        torch.manual_seed(3)
+        ours = pgd_attack(x, objective, cfg)
+        torch.manual_seed(3)
+        ref = ref_pgd(model, x, objective, cfg, clamp_start=clamp)
+        assert torch.allclose(ours, ref, atol=1e-12, rtol=0), clamp
 
 
 def test_step_throughput_script_runs(tmp_path):

@@ -30,8 +30,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_model(path: str | os.PathLike, encoder: Encoder, model_cfg: Mapping[str, Any], stats: str,
                meta: Mapping[str, Any] | None = None) -> None:
-    """Save an encoder with what is needed to rebuild it (arch config, normalisation, dual BN)."""
-    atomic_save({"encoder": encoder.state_dict(), "model_cfg": dict(model_cfg), "stats": stats,
+    """Save an encoder with what is needed to rebuild it (arch config, projector layout, normalisation,
+    dual BN)."""
+    model_cfg = dict(model_cfg)
+    spec = getattr(encoder, "projector_spec", None)
+    if spec:
+        model_cfg["projector"] = dict(spec)
+    atomic_save({"encoder": encoder.state_dict(), "model_cfg": model_cfg, "stats": stats,
                  "dual_bn": has_dual_bn(encoder), "meta": dict(meta or {})}, path)
 
 

@@ -1,7 +1,10 @@
 """Projected gradient descent (L-inf and L2) that maximises an arbitrary objective.
 
 Callers pass `objective(x_adv) -> per-example or scalar loss to MAXIMISE`; the engine owns the
-random start, the step, the projection and the [0, 1] clip. Gradients are taken only with
+random start, the step, the projection and the [0, 1] clip. The start follows the references:
+`random_start` (false: delta = 0, the empirical study), `start` (uniform U(-eps, eps) or TRADES'
+x + 0.001 N(0, 1)) and `clamp_start` (RoCL clips x + delta to [0, 1] before the first gradient;
+ACL, DeACL and TRADES do not, so a pixel at 0 or 1 can start outside the box). Gradients are taken only with
 respect to the input (`torch.autograd.grad`), so parameter `.grad` is never touched and no
 weight-gradient kernels run (checked in tests/test_perf.py: every convolution/BN backward
 of an attack step computes the input gradient only). The networks' train/eval mode during the
@@ -31,6 +34,8 @@ class PGDConfig:
     random_start: bool = True
     # "uniform": U(-eps, eps) (Madry, ACL, DeACL); "normal": x + 0.001 N(0,1) (TRADES).
     start: str = "uniform"
+    # Clip the random start to [0, 1] before the first gradient (RoCL); ACL, DeACL, TRADES do not.
+    clamp_start: bool = False
 
     def __post_init__(self) -> None:
         if self.eps < 0:
@@ -43,11 +48,20 @@ class PGDConfig:
             raise ValueError(f"attack start must be 'uniform' or 'normal', got {self.start!r}")
 
 
+START_KEYS = ("random_start", "start", "clamp_start")
+
+
 def pgd_config(section: Mapping[str, Any], **changes: Any) -> PGDConfig:
     """The engine's settings from an attack-shaped config section (attack, eval.pgd, monitor.val_attack)."""
+    start = {k: section[k] for k in START_KEYS if k in section}
     cfg = PGDConfig(eps=float(section["eps"]), alpha=float(section["alpha"]), steps=int(section["steps"]),
-                    norm=section["norm"])
+                    norm=section["norm"], **start)
     return replace(cfg, **changes) if changes else cfg
+
+
+def merged_attack(section: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `attack` group's section with a method's non-null `method.attack` keys in its place."""
+    return {**section, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
 
 @contextlib.contextmanager
@@ -83,17 +97,21 @@ def frozen_parameters(modules: Iterable[nn.Module], enabled: bool = True) -> Ite
             p.requires_grad_(True)
 
 
-def _random_start(x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+def random_start(x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+    """The first iterate: x, x + U(-eps, eps) (L-inf; L2: a random point of the ball) or x + 0.001 N(0, 1),
+    clipped to [0, 1] only with `clamp_start` (no projection: the references do not project it)."""
     if not cfg.random_start or cfg.eps == 0:
         return x.clone()
     if cfg.start == "normal":
-        return x + 0.001 * torch.randn_like(x)
-    if cfg.norm == "linf":
-        return x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)
-    delta = torch.randn_like(x)
-    norms = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-    radius = torch.rand(x.shape[0], *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
-    return x + delta / norms.clamp_min(1e-12) * radius * cfg.eps
+        start = x + 0.001 * torch.randn_like(x)
+    elif cfg.norm == "linf":
+        start = x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)
+    else:
+        delta = torch.randn_like(x)
+        norms = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+        radius = torch.rand(x.shape[0], *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
+        start = x + delta / norms.clamp_min(1e-12) * radius * cfg.eps
+    return start.clamp(0.0, 1.0) if cfg.clamp_start else start
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
@@ -116,7 +134,7 @@ def pgd_attack(x: torch.Tensor, objective: Objective, cfg: PGDConfig) -> torch.T
     x = x.detach()
     if cfg.steps == 0 or cfg.eps == 0:
         return x.clone()
-    x_adv = _project(_random_start(x, cfg), x, cfg).detach()
+    x_adv = random_start(x, cfg).detach()
     for _ in range(cfg.steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():

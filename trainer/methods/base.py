@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
-from trainer.attacks import frozen_parameters, network_mode, pgd_config
+from trainer.attacks import frozen_parameters, merged_attack, network_mode, pgd_config
 from trainer.models import Encoder, build_encoder
 
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
@@ -43,13 +43,16 @@ class Method(abc.ABC):
         self.cfg = cfg
         self.mcfg = method_cfg
         self.device = device
-        self.attack = pgd_config(cfg["attack"])
+        # The attack group's settings, with the method's own (`method.attack`, e.g. RoCL's 7 steps) on top.
+        attack = merged_attack(cfg["attack"], method_cfg.get("attack"))
+        self.attack = pgd_config(attack)
         # Contrastive attack objectives: negatives from every rank, so that N workers x B/N craft
         # the same adversarial examples as 1 worker x B (the references attack the whole batch).
-        self.attack_gather = bool(cfg["attack"]["gather_negatives"])
+        self.attack_gather = bool(attack["gather_negatives"])
         self.encoder: Encoder = build_encoder(cfg["model"], cfg["data"]["stats"],
                                               with_projector=self.needs_projector,
-                                              dual_bn=self.uses_dual_bn).to(device)
+                                              dual_bn=self.uses_dual_bn,
+                                              projector=method_cfg.get("projector")).to(device)
         self.net: nn.Module = self.encoder
         # auto: only under torch.compile, where the compiled backward would otherwise compute every
         # weight gradient (measured: 15% slower); eager autograd already skips weight-gradient
