@@ -280,6 +280,10 @@ class SimCLR(MethodBase):
     """method name (set by the option: method=simclr)"""
     temperature: PositiveFloat = 0.5
     """NT-Xent temperature"""
+    separate_forwards: bool = False
+    """each view through its own train-mode forward (solo-learn: DeACL's teacher); false: one forward of [x1; x2] (SimCLR's TF code)"""
+    projector: Projector = Field(default_factory=Projector)
+    """projector layout"""
 
 
 class SupCon(MethodBase):
@@ -295,6 +299,16 @@ class SupCon(MethodBase):
     """add the adversarial term contrastive(x, PGD(x))"""
     adv_weight: NonNegFloat = 1.0
     """weight of the adversarial term"""
+    adv_view: Literal["original", "first"] = "original"
+    """the attacked image: original = un-augmented (the study; three_view loader) | first = the first augmented view"""
+    attack_train_mode: bool = True
+    """attack with BN in train mode and separate forwards of x and x' (the study's pgd_linf); false: eval mode"""
+    separate_forwards: bool = True
+    """each batch ([x; x'], then each view) through its own train-mode forward (the study); false: one forward of all"""
+    projector: Projector = _projector(hidden_dim="feature", output_dim=100, bn="none", bias="all")
+    """projector layout (the study's: Linear(2048, 2048)-ReLU-Linear(2048, 100), no BN)"""
+    attack: MethodAttack = _method_attack(alpha=0.01, random_start=False)
+    """the study's training attack: alpha 0.01 from delta = 0 (null: the attack group's)"""
 
 
 class ACL(MethodBase):
@@ -329,6 +343,14 @@ class RoCL(MethodBase):
     """reference quirk: similarities use a detached right operand (loss and attack)"""
     sum_positives: bool = True
     """reference scale: sum (not mean) of an anchor's two positive terms"""
+    separate_forwards: bool = True
+    """the (1/lam) term from its own train-mode forward of [t_adv; t'] before the main one (reference); false: one forward"""
+    reg_gather_negatives: bool = False
+    """the (1/lam) term's negatives from every rank (reference: this GPU's batch only)"""
+    projector: Projector = _projector(bn="none", bias="all")
+    """projector layout (RoCL's: Linear(512, 2048)-ReLU-Linear(2048, 128), biases, no BN)"""
+    attack: MethodAttack = _method_attack(eps=0.0314, alpha=0.007, steps=7, clamp_start=True, gather_negatives=False)
+    """RoCL's training attack: eps 0.0314, alpha 0.007, 7 steps, clipped start, this GPU's batch (null: the attack group's)"""
 
 
 class DeACL(MethodBase):
@@ -347,12 +369,18 @@ class Supervised(MethodBase):
 
     name: Literal["supervised"]
     """method name (set by the option: method=supervised)"""
-    loss: Literal["ce", "pgd_at", "trades"] = "ce"
-    """training loss"""
+    loss: Literal["ce", "pgd_at", "trades", "ce_clean_adv"] = "ce"
+    """training loss (ce_clean_adv: CE(x) + CE(PGD(x)), the empirical study's adversarial SL)"""
     beta: NonNegFloat = 6.0
     """TRADES weight of KL(p_clean || p_adv)"""
-    attack_steps: PositiveInt | None = 10
-    """PGD steps of the training attack (null: attack.steps)"""
+    trades_forwards: Forwards = "three"
+    """TRADES' train-mode forwards: three (x, x', x again: trades.py) | two (x, x': ACL's) | one ([x; x'] together)"""
+    attack_train_mode: bool = False
+    """attack with BN in train mode (the study's SL); false: eval mode (Madry, TRADES)"""
+    normalize_logits: bool = False
+    """CE (loss and attack) on L2-normalised logits (the study's EvalNet returns F.normalize(logits))"""
+    attack: MethodAttack = _method_attack(steps=10)
+    """training attack: 10 steps as PGD-AT and TRADES train (null: the attack group's)"""
 
 
 METHOD_SCHEMAS: dict[str, type[MethodBase]] = {

@@ -81,9 +81,15 @@ def test_method_yaml_validates(name):
     assert METHOD_REGISTRY[name].views in VIEW_KINDS
 
 
-def test_rocl_attack_preset():
+def test_rocl_attack_preset_and_method_default():
     a = schema.Attack.model_validate(yaml.safe_load((CONF / "attack" / "rocl_pgd7.yaml").read_text()) or {})
-    assert (a.eps, a.alpha, a.steps, a.norm) == (pytest.approx(8 / 255), 0.007, 7, "linf")
+    assert (a.eps, a.alpha, a.steps, a.norm, a.clamp_start) == (0.0314, 0.007, 7, "linf", True)
+    # method=rocl uses the reference's attack without attack=rocl_pgd7 (method.attack on top of the group)
+    _, method = make("rocl", steps=2)
+    c = method.attack
+    assert (c.eps, c.alpha, c.steps, c.clamp_start, method.attack_gather) == (0.0314, 0.007, 7, True, False)
+    _, method = make("rocl", steps=2, attack={"steps": None, "alpha": None})  # null: the attack group's
+    assert (method.attack.steps, method.attack.alpha) == (2, pytest.approx(2 / 255))
 
 
 @pytest.mark.parametrize("name,key,value", [
@@ -93,8 +99,8 @@ def test_rocl_attack_preset():
     ("rocl", "sum_positives", None),
     ("supcon", "temperature", 0.0), ("supcon", "use_labels", "no"), ("supcon", "adversarial", 1),
     ("supcon", "adv_weight", -1),
-    ("supervised", "loss", "mart"), ("supervised", "beta", -1), ("supervised", "attack_steps", 0),
-    ("supervised", "attack_steps", 2.5),
+    ("supervised", "loss", "mart"), ("supervised", "beta", -1), ("supervised", "trades_forwards", "four"),
+    ("supervised", "normalize_logits", "yes"), ("supcon", "adv_view", "second"), ("rocl", "separate_forwards", 0),
 ])
 def test_validate_config_names_key_value_and_allowed(name, key, value):
     with pytest.raises(ConfigError, match=rf"^method\.{key}=.* is invalid: (allowed|must be)"):
@@ -157,7 +163,7 @@ def test_rocl_view_bookkeeping():
     method.train()
     x_adv = method.make_adversarial(x_t, x_t2)
     assert x_adv.shape == x_t.shape
-    assert 0 < (x_adv - x_t).abs().max() <= EPS + 1e-6  # t(x) is the attacked view
+    assert 0 < (x_adv - x_t).abs().max() <= method.attack.eps + 1e-6  # t(x) is the attacked view
     assert (x_adv - x_t2).abs().max() > 2 * EPS  # not t'(x)
     enc = method.encoder
     with torch.no_grad(), network_mode([enc], train=False):
@@ -166,7 +172,8 @@ def test_rocl_view_bookkeeping():
         adv = multi_positive_nt_xent([enc(x_adv, project=True)[1], z_t2], 0.5, gather=False)
     assert adv > clean  # maximises NT-Xent(t(x)+delta, t'(x))
     assert enc.training  # modes restored
-    # the loss is rocl_loss over [t; t'; t_adv] from one forward; the original view is unused.
+    # the loss is rocl_loss over [t; t'; t_adv] from one forward, its 1/lam term from the reference's
+    # own forward of [t_adv; t'] (first); the original view is unused.
     # (A train-mode forward moves BN running stats, which the next eval-mode attack reads:
     # restore the state and the RNG before each repetition.)
     state = copy.deepcopy(method.encoder.state_dict())
@@ -175,8 +182,9 @@ def test_rocl_view_bookkeeping():
     method.encoder.load_state_dict(state)
     torch.manual_seed(1)
     x_adv = method.make_adversarial(x_t, x_t2)
+    _, z_r = method.encoder(torch.cat([x_adv, x_t2]), project=True)
     _, z = method.encoder(torch.cat([x_t, x_t2, x_adv]), project=True)
-    expected = rocl_loss(z[:8], z[8:16], z[16:], 0.5, 256.0, gather=False)
+    expected = rocl_loss(z[:8], z[8:16], z[16:], 0.5, 256.0, gather=False, reg=(z_r[:8], z_r[8:]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     method.encoder.load_state_dict(state)
     torch.manual_seed(1)
@@ -192,15 +200,17 @@ def test_supcon_uses_labels_and_adversarial_view():
     batch = batch_for(method)
     x1, x2 = batch["views"]
     method.train()
+    ref = copy.deepcopy(method.encoder)  # the state before the step
     loss, _ = method.training_step(batch)
-    _, z = copy.deepcopy(method.encoder)(torch.cat([x1, x2]), project=True)  # same BN step as above
-    assert loss.item() == pytest.approx(supcon(torch.stack([z[:8], z[8:]], 1), batch["label"], 0.07).item(),
-                                        rel=1e-4)
+    z1, z2 = ref(x1, project=True)[1], ref(x2, project=True)[1]  # the study: one forward per view
+    assert loss.item() == pytest.approx(supcon(torch.stack([z1, z2], 1), batch["label"], 0.07).item(), rel=1e-4)
     _, nolab = make("supcon", use_labels=False)
     assert nolab._labels(batch) is None
     _, adv = make("supcon", adversarial=True)
-    assert adv.adversarial
-    x_adv = adv.make_adversarial(x1, batch["label"])
+    assert adv.adversarial and adv.views == "three_view"  # the study attacks the un-augmented image
+    batch = batch_for(adv)
+    x_adv = adv.make_adversarial(batch["views"][0], batch["label"])
+    x1 = batch["views"][0]
     assert 0 < (x_adv - x1).abs().max() <= EPS + 1e-6
     loss, metrics = adv.training_step(batch)
     assert set(metrics) == {"loss", "loss_adv", "loss_views"}
@@ -213,7 +223,7 @@ def test_supcon_uses_labels_and_adversarial_view():
 def test_supervised_head_export_and_checkpoint_roundtrip(loss_kind, tmp_path):
     torch.manual_seed(0)
     cfg, method = make("supervised", loss=loss_kind)
-    assert method.attack.steps == 10  # attack_steps overrides the attack group's 2
+    assert method.attack.steps == 10  # method.attack.steps overrides the attack group's 2
     assert any(n.startswith("head.") for n, _ in method.encoder.named_parameters())  # optimiser sees the head
     method.train()
     loss, metrics = method.training_step(batch_for(method))
@@ -238,7 +248,7 @@ def test_supervised_head_export_and_checkpoint_roundtrip(loss_kind, tmp_path):
 
 
 def test_supervised_attack_steps_null_keeps_attack_group():
-    _, method = make("supervised", steps=3, attack_steps=None)
+    _, method = make("supervised", steps=3, attack={"steps": None})
     assert method.attack.steps == 3
 
 
@@ -348,7 +358,7 @@ def _train(method, digits, steps: int, lr: float = 0.1, seed: int = 0) -> list[f
     ("supcon", {}),
     ("supcon", {"adversarial": True}),
     ("supervised", {"loss": "ce"}),
-    ("supervised", {"loss": "trades", "attack_steps": 2}),
+    ("supervised", {"loss": "trades", "attack": {"steps": 2}}),
 ])
 def test_learns_on_digits(digits, name, overrides, steps=20, lr=0.1):
     torch.manual_seed(0)
@@ -423,7 +433,7 @@ def test_adversarial_method_beats_simclr_robust_accuracy(digits, simclr_baseline
     torch.manual_seed(0)
     cfg, _ = make("simclr")
     cfg["attack"].update(TRAIN_ATTACK)  # the same training attack for every method
-    m = checked(cfg, method_cfg(name, **overrides))
+    m = checked(cfg, method_cfg(name, attack={}, **overrides))  # method.attack null: the group's TRAIN_ATTACK
     kwargs = {"teacher_path": simclr_baseline["path"]} if name == "deacl" else {}
     method = build_method(cfg, m, CPU, **kwargs)
     _train(method, digits, ROBUST_STEPS)

@@ -114,7 +114,50 @@ def test_supervised_adversarial_losses_attack_in_eval_mode():
     assert logits.shape == (16, 10) and loss.requires_grad
     loss, logits = trades_loss(model, model, x, y, PGDConfig(steps=2), beta=6.0)
     assert logits.shape == (16, 10) and loss.requires_grad
-    # the attacks ran in eval mode: only the two training forwards moved the running stats
+    # the attacks ran in eval mode: only the training forwards moved the running stats (PGD-AT one,
+    # TRADES three: x, x', x again, as trades.py)
     assert model.training and model[1].training
-    assert model[1].num_batches_tracked.item() == 2
+    assert model[1].num_batches_tracked.item() == 1 + 3
     assert not torch.equal(model[1].running_mean, stats)
+    trades_loss(model, model, x, y, PGDConfig(steps=2), beta=6.0, forwards="two")
+    trades_loss(model, model, x, y, PGDConfig(steps=2), beta=6.0, forwards="one")
+    assert model[1].num_batches_tracked.item() == 4 + 2 + 1
+
+
+def test_random_start_kinds_and_the_clip_before_the_first_gradient():
+    """random_start=false starts at x; clamp_start clips x + delta to [0, 1] before the first gradient
+    (RoCL); without it a pixel at 0 or 1 starts outside the box (ACL, DeACL, TRADES)."""
+    from trainer.attacks import random_start
+
+    x, _ = _data()
+    seen = []
+
+    def objective(xa):
+        seen.append(xa.detach().clone())
+        return xa.sum()
+
+    for clamp in (False, True):
+        seen.clear()
+        torch.manual_seed(0)
+        cfg = PGDConfig(steps=1, clamp_start=clamp)
+        pgd_attack(x, objective, cfg)
+        torch.manual_seed(0)
+        assert torch.equal(seen[0], random_start(x, cfg))
+        outside = (seen[0] < 0) | (seen[0] > 1)
+        assert bool(outside.any()) != clamp  # unclipped: boundary pixels start outside [0, 1]
+    seen.clear()
+    pgd_attack(x, objective, PGDConfig(steps=1, random_start=False))
+    assert torch.equal(seen[0], x)
+    torch.manual_seed(0)
+    start = random_start(x, PGDConfig(start="normal"))
+    assert (start - x).abs().max() < 0.01 and ((start < 0) | (start > 1)).any()
+
+
+def test_attack_sections_carry_the_start_keys():
+    from trainer.attacks import merged_attack, pgd_config
+
+    section = {"eps": 0.03, "alpha": 0.01, "steps": 3, "norm": "linf", "gather_negatives": True,
+               "random_start": True, "start": "uniform", "clamp_start": False}
+    cfg = pgd_config(merged_attack(section, {"steps": 7, "clamp_start": True, "alpha": None}))
+    assert (cfg.steps, cfg.clamp_start, cfg.alpha, cfg.random_start) == (7, True, 0.01, True)
+    assert pgd_config({k: section[k] for k in ("eps", "alpha", "steps", "norm")}).clamp_start is False

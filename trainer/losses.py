@@ -26,7 +26,7 @@ def _fp32(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 unchanged (float64 checks stay float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -55,7 +55,7 @@ def multi_positive_nt_xent(views: list[torch.Tensor], temperature: float = 0.5,
     `detach_right` reproduces RoCL's reference quirk (similarities with a detached right operand).
     """
     with _fp32(views[0].device):
-        return _multi_positive_nt_xent([_at_least_fp32(v) for v in views], temperature, gather, detach_right)
+        return _multi_positive_nt_xent([at_least_fp32(v) for v in views], temperature, gather, detach_right)
 
 
 def _multi_positive_nt_xent(views: list[torch.Tensor], temperature: float, gather: bool,
@@ -91,7 +91,7 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None,
     (Khosla et al.'s code also multiplies by temperature/base_temperature; both are 0.07 here.)
     """
     with _fp32(features.device):
-        return _supcon(_at_least_fp32(features), labels, temperature, gather)
+        return _supcon(at_least_fp32(features), labels, temperature, gather)
 
 
 def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: float,
@@ -120,18 +120,23 @@ def _supcon(features: torch.Tensor, labels: torch.Tensor | None, temperature: fl
 
 def rocl_loss(z_t: torch.Tensor, z_t2: torch.Tensor, z_adv: torch.Tensor,
               temperature: float = 0.5, lam: float = 256.0, gather: bool = True,
-              detach_right: bool = True, sum_positives: bool = True) -> torch.Tensor:
+              detach_right: bool = True, sum_positives: bool = True,
+              reg: tuple[torch.Tensor, torch.Tensor] | None = None, reg_gather: bool | None = None) -> torch.Tensor:
     """RoCL: NT-Xent over [t(x); t'(x); t(x)_adv] (all positives) + (1/lam) NT-Xent(adv, t').
 
     `sum_positives` keeps the reference code's scale: its NT_xent sums the -log p terms of an
     anchor's two positives (6 diagonal blocks / 3N), i.e. 2x the mean over positives that
     `multi_positive_nt_xent` returns; this sets the weight of the 1/lam regulariser.
+    `reg` = (z_adv, z_t2) of the 1/lam term when it has its own forward (the reference's), else
+    the main term's; `reg_gather` its negatives from every rank (default: `gather`).
     """
     main = multi_positive_nt_xent([z_t, z_t2, z_adv], temperature, gather, detach_right)
     if sum_positives:
         main = main * 2
-    reg = multi_positive_nt_xent([z_adv, z_t2], temperature, gather, detach_right)
-    return main + reg / lam
+    r_adv, r_t2 = reg if reg is not None else (z_adv, z_t2)
+    reg_loss = multi_positive_nt_xent([r_adv, r_t2], temperature, gather if reg_gather is None else reg_gather,
+                                      detach_right)
+    return main + reg_loss / lam
 
 
 def neg_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,15 @@ forward still returns backbone features (kNN monitor), `classify=True` returns l
 loads with `load_encoder` like any other method's; the full module (with head) is what a
 resumed run restores (train_loop writes it as `model_full.pt`).
 
-Losses and attacks (eval mode) come from trainer.adversarial_training.supervised_loss; `attack_steps` overrides the
-`attack` group's step count (TRADES and PGD-AT train with 10 steps; null keeps attack.steps).
+Losses and attacks come from trainer.adversarial_training.supervised_loss. The training attack is the
+`attack` group's with `method.attack` on top (10 steps by default, as PGD-AT and TRADES train; set
+method.attack.steps=null to follow attack.steps, e.g. in a Tune sweep of it). Reference choices as
+keys: `trades_forwards` (TRADES' three train-mode forwards by default), `attack_train_mode` (eval mode
+by default; the empirical study's SL attacks in train mode) and `normalize_logits` (the study's SL
+trains and attacks L2-normalised logits).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -59,9 +62,6 @@ class Supervised(Method):
         super().__init__(cfg, method_cfg, device)
         self.loss_kind = method_cfg["loss"]
         self.beta = float(method_cfg["beta"])
-        steps = method_cfg["attack_steps"]
-        if steps is not None:
-            self.attack = replace(self.attack, steps=int(steps))
         self.encoder = ClassifierEncoder(self.encoder, int(cfg["data"]["num_classes"])).to(device)
         self.net = self.encoder
         self.logits = _Logits(self.encoder)
@@ -70,7 +70,10 @@ class Supervised(Method):
         (x,) = batch["views"]
         y = batch["label"]
         train_net = lambda xa: self.net(xa, classify=True)  # noqa: E731 - DDP forward
-        loss, logits = supervised_loss(self.loss_kind, self.logits, train_net, x, y, self.attack, self.beta)
+        loss, logits = supervised_loss(self.loss_kind, self.logits, train_net, x, y, self.attack, self.beta,
+                                       trades_forwards=self.mcfg["trades_forwards"],
+                                       attack_train_mode=bool(self.mcfg["attack_train_mode"]),
+                                       normalize_logits="both" if self.mcfg["normalize_logits"] else "none")
         acc = (logits.detach().argmax(1) == y).float().mean()
         # pgd_at returns logits on the adversarial batch, ce/trades on the clean batch.
         return loss, {"loss": loss.detach(), "train_adv_acc" if self.loss_kind == "pgd_at" else "train_acc": acc}
