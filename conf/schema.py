@@ -421,7 +421,7 @@ class LinearEval(Section):
     """epochs of each head"""
     batch_size: PositiveInt = 512
     """global batch"""
-    optimizer: Literal["sgd", "lars"] = "sgd"
+    optimizer: Literal["sgd", "lars", "adam"] = "sgd"
     """optimiser"""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """momentum"""
@@ -430,9 +430,15 @@ class LinearEval(Section):
     lr: ProtocolLR = Field(default_factory=ProtocolLR)
     """learning rate per protocol"""
     milestones: list[PositiveInt] = [15, 20]
-    """lr / 10 at these epochs"""
+    """lr / 10 at these epochs (counted from 0)"""
     trades_beta: NonNegFloat = 6.0
     """TRADES beta of ALF / AFF"""
+    trades_forwards: Forwards = "three"
+    """TRADES' train-mode forwards: three (x, x', x again: trades.py, DeACL) | two (x, x': ACL) | one ([x; x'] together)"""
+    augment: Literal["weak", "none"] = "weak"
+    """training images of the heads: weak (crop + flip: DeACL, ACL) | none (un-augmented: RoCL's LE, the study)"""
+    head_init: Literal["default", "zero"] = "default"
+    """the new linear head: torch's default init | zeros (ACL's cvt_state_dict)"""
 
 
 class AutoAttackCfg(Section):
@@ -453,10 +459,20 @@ class Eval(Section):
     """slf | alf | aff | le | rle (RoCL's linear evaluation, clean / PGD-10)"""
     bn_mode: Literal["eval", "train"] = "eval"
     """frozen protocols: eval = BN running stats fixed; train = DeACL's reference quirk"""
-    alf_loss: Literal["trades", "pgd_at"] = "trades"
-    """ALF's loss on the head"""
+    alf_loss: Literal["trades", "pgd_at", "ce_clean_adv"] = "trades"
+    """ALF's loss on the head (ce_clean_adv: CE(x) + CE(PGD(x)), the study's partial-AT)"""
+    aff_loss: Literal["trades", "pgd_at", "ce_clean_adv"] = "trades"
+    """AFF's loss (ce_clean_adv: the study's full-AT)"""
     train_attack_steps: PositiveInt = 10
     """PGD steps of the heads' training attack (ALF / AFF / rLE)"""
+    train_attack_alpha: PositiveFloat | None = None
+    """step size of the heads' training attack (null: eval.pgd.alpha; RoCL's rLE: 0.007)"""
+    train_attack_eps: Annotated[float, Field(ge=0, le=1, json_schema_extra={"hint": EPS_HINT})] | None = None
+    """radius of the heads' training attack (null: eval.pgd.eps; the study trains at 8/255, tests at 4/255)"""
+    train_attack_mode: Literal["eval", "training"] = "eval"
+    """BN mode of the heads' training attack: eval | training = the modes the head trains in (the study)"""
+    attack_normalized_logits: bool = False
+    """the heads' attacks (training and test) maximise CE of L2-normalised logits (the study's EvalNet)"""
     label: str | None = None
     """row name in the results table (recipe=evaluate)"""
     linear: LinearEval = Field(default_factory=LinearEval)
@@ -617,11 +633,30 @@ class Scheme(Section):
     """method keys of its adversarial pre-training"""
 
 
+class Scenario(Section):
+    """One robustness scenario of the study: which encoder gets which head."""
+
+    pretraining: Literal["standard", "adversarial"]
+    """the encoder: the scheme's standard or adversarial pre-training"""
+    protocol: Literal[PROTOCOLS]  # type: ignore[valid-type]
+    """the evaluation protocol that trains its head"""
+
+
+STUDY_SCENARIOS = {  # the empirical study's README, Table 1 (cl_scl_PAT.py / cl_scl_FAT.py: 'AT-Partial AT', 'AT-Full AT')
+    "ST": {"pretraining": "standard", "protocol": "slf"},
+    "AT": {"pretraining": "adversarial", "protocol": "slf"},
+    "partial-AT": {"pretraining": "adversarial", "protocol": "alf"},
+    "full-AT": {"pretraining": "adversarial", "protocol": "aff"},
+}
+
+
 class Study(Section):
     """The empirical study (python -m tune.study)."""
 
     schemes: dict[str, Scheme] = {}
     """training schemes"""
+    scenarios: dict[str, Scenario] = Field(default_factory=lambda: {k: Scenario(**v) for k, v in STUDY_SCENARIOS.items()})
+    """robustness scenarios: name -> (pre-training, protocol); the study's Table 1 by default"""
     run: list[str] = []
     """which schemes to run"""
     overrides: list[str] = []

@@ -22,7 +22,12 @@ def test_plan_has_every_scheme_twice_and_shares_data(tmp_path):
     assert t["SL-standard"]["method"]["loss"] == "ce" and t["SL-adversarial"]["method"]["loss"] == "pgd_at"
     assert t["CL-adversarial"]["method"]["use_labels"] is False and t["CL-adversarial"]["method"]["adversarial"] is True
     assert t["SCL-standard"]["method"]["use_labels"] is True and t["SCL-standard"]["method"]["adversarial"] is False
-    assert all(c["eval"]["protocols"] == ["slf", "alf"] and c["recipe"] == "pretrain" for c in t.values())
+    # the study's Table 1: ST and AT use SLF heads, partial-AT an ALF head and full-AT AFF, all on the
+    # adversarial encoder: the standard encoders need only SLF
+    assert all(c["eval"]["protocols"] == (["slf", "alf", "aff"] if k.endswith("adversarial") else ["slf"])
+               and c["recipe"] == "pretrain" for k, c in t.items())
+    assert study["scenarios"]["partial-AT"] == ("adversarial", "alf")
+    assert study["scenarios"]["full-AT"] == ("adversarial", "aff")
     assert len({c["run_name"] for c in t.values()}) == 6
     assert len({c["data"]["beton_dir"] for c in t.values()}) == 1  # one copy of the dataset
     assert all(c["output_dir"].startswith(study["dir"]) for c in t.values())
@@ -79,12 +84,11 @@ def test_study_end_to_end(tmp_path, ray_local):
     from tune.study import run_study
 
     over = tiny_overrides(tmp_path, **{"method.train.batch_size": "256", "attack.steps": "1",
-                                       "method.attack_steps": "1", "eval.train_attack_steps": "1"})
-    over = [o for o in over if not o.startswith(("teacher.", "method.attack_steps"))]
+                                       "method.attack.steps": "1", "eval.train_attack_steps": "1"})
+    over = [o for o in over if not o.startswith("teacher.")]
     over += ["analysis.n_examples=64", "analysis.n_probe_train=128", "analysis.probe_max_iter=10",
              "analysis.pgd.steps=2", "analysis.batch_size=64", "eval.autoattack.enabled=false",
-             "cluster.cpus_per_worker=1",  # two trials at once on the test's 3 Ray CPUs
-             "+study.schemes.SL.adversarial.attack_steps=1"]
+             "cluster.cpus_per_worker=1"]  # two trials at once on the test's 3 Ray CPUs
     study = compose_study(over)
     summary = run_study(study)
     out = tmp_path / "out" / study["name"]

@@ -1,6 +1,7 @@
 """The empirical study as one recipe: training schemes x robustness scenarios on one Tune grid.
 
     python -m tune.study                                   # SL / CL / SCL on digits (conf/study/default.yaml)
+    python -m tune.study study=study_cifar10 data.root=/datasets/cifar10   # the paper's recipe (ResNet-50)
     python -m tune.study data=cifar10 model=resnet18 study.overrides=[method.train.epochs=200]
     python -m tune.study study.run=[CL,SCL] analysis.n_examples=256 --cfg   # print the plan only
 
@@ -39,14 +40,11 @@ from typing import Any, Callable, Mapping
 
 from conf import ConfigError, compose
 from conf.cli import CommandLine, cli_main
+from conf.schema import STUDY_SCENARIOS
 from trainer.seeds import seed_config
 
-SCENARIOS: dict[str, tuple[str, str]] = {  # scenario -> (pre-training, evaluation protocol)
-    "ST": ("standard", "slf"),
-    "AT": ("adversarial", "slf"),
-    "partial-AT": ("standard", "alf"),
-    "full-AT": ("adversarial", "alf"),
-}
+# the default scenarios: scenario -> (pre-training, evaluation protocol)
+SCENARIOS: dict[str, tuple[str, str]] = {k: (v["pretraining"], v["protocol"]) for k, v in STUDY_SCENARIOS.items()}
 PRETRAININGS = ("standard", "adversarial")
 STUDY_FILE = "study.json"
 
@@ -61,52 +59,106 @@ def _value(v: Any) -> str:
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(study.* overrides, analysis.* overrides, the rest: every trial's)."""
+    """(study.* overrides, analysis.* overrides, the rest: every trial's). `study=NAME` picks the option."""
     study, analysis, trial = [], [], []
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
         if key == "method" or key.startswith("method@"):
             raise ConfigError(f"{o!r} is invalid here: the study chooses each trial's method "
                               "(study.schemes); use method.<key>=... or study.overrides for budgets")
+        if key == "study":
+            continue
         (study if key.startswith("study.") else analysis if key.startswith("analysis.") else trial).append(o)
     return study, analysis, trial
 
 
-def compose_study(overrides: list[str]) -> dict[str, Any]:
-    """Validate everything before Ray starts: the study block and every trial's full config."""
-    study_ov, analysis_ov, trial_ov = split_overrides(list(overrides))
-    base = compose(["+study=default", *trial_ov, *study_ov])
-    s = base.pop("study")
+def study_option(overrides: list[str]) -> str:
+    """The study option named by `study=NAME` (conf/study/NAME.yaml; default: default)."""
+    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == "study" and "=" in o]
+    return names[-1] if names else "default"
+
+
+def flat_items(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested scheme keys as dotted ones ({attack: {steps: 1}} -> attack.steps)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in values.items():
+        if isinstance(v, Mapping) and v:
+            out += flat_items(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def scenario_map(study_cfg: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """scenario -> (pre-training, protocol) from the study config."""
+    return {k: (v["pretraining"], v["protocol"]) for k, v in study_cfg["scenarios"].items()}
+
+
+def protocols_of(scenarios: Mapping[str, tuple[str, str]], kind: str) -> list[str]:
+    """The evaluation protocols a pre-training needs (slf first: the CKA analysis reads its head)."""
+    needed = list(dict.fromkeys(p for k, p in scenarios.values() if k == kind))
+    return (["slf"] if "slf" in needed else []) + [p for p in needed if p != "slf"]
+
+
+def checked_study(s: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, tuple[str, str]]]:
+    """(schemes, run, scenarios) of a study block, or a ConfigError naming what is wrong."""
     schemes, run = s["schemes"], list(s["run"])
+    scenarios = scenario_map(s)
+    if not scenarios:
+        raise ConfigError("study.scenarios={} is invalid: allowed: at least one scenario")
     if not run:
         raise ConfigError(f"study.run={run!r} is invalid: allowed: a non-empty list of {', '.join(schemes)}")
     for name in run:
         if name not in schemes:
             raise ConfigError(f"study.run contains {name!r}: allowed: {', '.join(schemes)}")
-    extra = [str(o) for o in s["overrides"]]
-    key = json.dumps({"schemes": {n: schemes[n] for n in run}, "trial_overrides": trial_ov, "extra": extra},
-                     sort_keys=True)
-    name = s["name"] or f"study-{base['data']['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    study_dir = Path(base["output_dir"]) / name
-    shared = [f"output_dir={study_dir / 'runs'}", f"data.beton_dir={base['data']['beton_dir']}",
-              f"cluster.storage_path={study_dir / 'ray_results'}"]
+    return schemes, run, scenarios
+
+
+def compose_trials(schemes: Mapping[str, Any], run: list[str], scenarios: Mapping[str, tuple[str, str]],
+                   extra: list[str], trial_ov: list[str], shared: list[str],
+                   seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Every trial's validated config: scheme x pre-training (x seed), with the protocols its scenarios need."""
     trials: dict[str, dict[str, Any]] = {}
-    seeds = list(base["seeds"] or [base["seed"]])
     for scheme in run:
         sch = schemes[scheme]
         for kind in PRETRAININGS:
-            method_ov = [f"method.{k}={_value(v)}" for k, v in sch[kind].items()]
-            ov = [f"method={sch['method']}", *method_ov, "recipe=pretrain", "eval.protocols=[slf,alf]",
-                  "tune=none", *trial_ov, *extra, *shared]
+            protocols = protocols_of(scenarios, kind)
+            if not protocols:
+                continue
+            method_ov = [f"method.{k}={_value(v)}" for k, v in flat_items(sch[kind])]
+            ov = [f"method={sch['method']}", *extra, *method_ov, "recipe=pretrain",
+                  f"eval.protocols=[{','.join(protocols)}]", "tune=none", *trial_ov, *shared]
             try:
                 cfg = compose(ov)
             except ConfigError as e:
                 raise ConfigError(f"study trial {scheme}-{kind}: {e}") from e
             for seed in seeds:
                 trials[trial_key(scheme, kind, seed, seeds)] = seed_config(cfg, seed) if len(seeds) > 1 else cfg
-    analysis_cfg = compose(["+analysis=default", *trial_ov, *analysis_ov, *shared])
-    return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run}, "seeds": seeds,
-            "trials": trials, "analysis_cfg": analysis_cfg, "cka": s["cka"],
+    return trials
+
+
+def compose_study(overrides: list[str]) -> dict[str, Any]:
+    """Validate everything before Ray starts: the study block and every trial's full config."""
+    study_ov, analysis_ov, trial_ov = split_overrides(list(overrides))
+    option = f"+study={study_option(list(overrides))}"
+    not_method = lambda ov: [o for o in ov if not o.lstrip("+~").startswith("method")]  # noqa: E731
+    s = compose([option, *not_method(trial_ov), *study_ov])["study"]  # (method keys: the schemes' methods)
+    schemes, run, scenarios = checked_study(s)
+    extra = [str(o) for o in s["overrides"]]
+    global_extra = not_method(extra)  # data=, model=, preset=
+    base = compose([option, *global_extra, *not_method(trial_ov), *study_ov])
+    base.pop("study")
+    key = json.dumps({"schemes": {n: schemes[n] for n in run}, "trial_overrides": trial_ov, "extra": extra,
+                      **({"scenarios": scenarios} if scenarios != SCENARIOS else {})}, sort_keys=True)
+    name = s["name"] or f"study-{base['data']['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    study_dir = Path(base["output_dir"]) / name
+    shared = [f"output_dir={study_dir / 'runs'}", f"data.beton_dir={base['data']['beton_dir']}",
+              f"cluster.storage_path={study_dir / 'ray_results'}"]
+    seeds = list(base["seeds"] or [base["seed"]])
+    trials = compose_trials(schemes, run, scenarios, extra, trial_ov, shared, seeds)
+    analysis_cfg = compose(["+analysis=default", *global_extra, *not_method(trial_ov), *analysis_ov, *shared])
+    return {"name": name, "dir": str(study_dir), "run": run, "schemes": {n: schemes[n] for n in run},
+            "scenarios": scenarios, "seeds": seeds, "trials": trials, "analysis_cfg": analysis_cfg, "cka": s["cka"],
             "max_concurrent_trials": s["max_concurrent_trials"], "base": base,
             "overrides": list(overrides)}
 
@@ -168,7 +220,7 @@ def study_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     their sample std and n), read from each trial's results."""
     rows, seeds = [], study["seeds"]
     for scheme in study["run"]:
-        for scenario, (kind, protocol) in SCENARIOS.items():
+        for scenario, (kind, protocol) in study.get("scenarios", SCENARIOS).items():
             ms = [_evaluation(study["trials"][trial_key(scheme, kind, s, seeds)]) for s in seeds]
             row = {"scheme": scheme, "scenario": scenario, "pretraining": kind, "protocol": protocol.upper(),
                    "n": len(ms)}
@@ -179,8 +231,10 @@ def study_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_study_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
-    scen = list(SCENARIOS)
+def format_study_table(rows: list[dict[str, Any]], pgd_steps: int,
+                       scenarios: Mapping[str, tuple[str, str]] | None = None) -> str:
+    scenarios = SCENARIOS if scenarios is None else scenarios
+    scen = list(scenarios)
     head = f"{'scheme':<8}" + "".join(f"{s:^17}|" for s in scen)
     sub = f"{'':<8}" + "".join(f"{'SA':>8}{'RA':>8} |" for _ in scen)
     lines = [head, sub, "-" * len(sub)]
@@ -191,15 +245,14 @@ def format_study_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
             lines.append(f"{'  ± std':<8}" + "".join(f"{cells[s]['SA_std']:8.2f}{cells[s]['RA_PGD_std']:8.2f} |"
                                                    for s in scen))
     seeds = f" Mean and sample std over {rows[0]['n']} seeds." if rows and rows[0]["n"] > 1 else ""
-    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy, in %.{seeds} ST: standard encoder + SLF head; "
-                 "AT: adversarial encoder + SLF; partial-AT: standard encoder + ALF (adversarial head); "
-                 "full-AT: adversarial encoder + ALF.")
+    what = "; ".join(f"{k}: {kind} encoder + {p.upper()}" for k, (kind, p) in scenarios.items())
+    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy, in %.{seeds} {what}.")
     return "\n".join(lines)
 
 
 def write_table(out: Path, rows: list[dict[str, Any]], study: Mapping[str, Any]) -> None:
     steps = int(next(iter(study["trials"].values()))["eval"]["pgd"]["steps"])
-    table = format_study_table(rows, steps)
+    table = format_study_table(rows, steps, study.get("scenarios"))
     print(table, flush=True)
     (out / "study_table.md").write_text("```\n" + table + "\n```\n")
     (out / "study_table.json").write_text(json.dumps(rows, indent=2))
@@ -219,7 +272,7 @@ def plot_scenarios(out: Path, rows: list[dict[str, Any]]) -> Path:
     import numpy as np
 
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
-    scen = list(SCENARIOS)
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
     fig, ax = plt.subplots(figsize=(2.6 * len(schemes) + 2, 4.2))
     width = 0.8 / len(scen)
     colours = plt.get_cmap("tab10")
@@ -292,11 +345,13 @@ def plot_same_layer(out: Path, curves: Mapping[str, tuple[list[str], list[float]
 
 def study_command(cl: CommandLine) -> int:
     study = compose_study(cl.overrides)
-    if cl.show_cfg:
+    if cl.show_cfg:  # the plan, then every trial's whole composed config (its recipe)
         plan = {"dir": study["dir"], "trials": {k: {"method": c["method"]["name"],
                                                     **{m: c["method"].get(m) for m in ("loss", "use_labels", "adversarial")},
+                                                    "protocols": c["eval"]["protocols"],
                                                     "run_name": c["run_name"]} for k, c in study["trials"].items()},
-                "scenarios": {k: {"pretraining": v[0], "protocol": v[1]} for k, v in SCENARIOS.items()}}
+                "scenarios": {k: {"pretraining": v[0], "protocol": v[1]} for k, v in study["scenarios"].items()},
+                "trial_configs": study["trials"]}
         print(json.dumps(plan, indent=2, default=str))
         return 0
     summary = run_study(copy.deepcopy(study))

@@ -1,13 +1,17 @@
 """SLF / ALF / AFF (and RoCL's LE / rLE): a new head on a trained encoder, then SA / PGD / AutoAttack.
 
 - slf: encoder frozen, new linear head trained with CE on clean images.
-- alf: encoder frozen, head trained adversarially (eval.alf_loss: TRADES by default, or PGD-AT).
-- aff: everything trained with TRADES (beta=6).
+- alf: encoder frozen, head trained adversarially (eval.alf_loss: TRADES by default, PGD-AT, or the
+  study's CE(x) + CE(x')).
+- aff: everything trained (eval.aff_loss: TRADES, beta=6, by default).
 - le / rle: RoCL's linear evaluation on clean / PGD-10 adversarial examples (= slf / alf with PGD-AT).
 "Frozen" protocols put the encoder's BN in eval mode (eval.bn_mode=eval) or, like DeACL's reference
 code, leave it in train mode so that its running statistics move (eval.bn_mode=train).
 Then SA and PGD-20 RA on the test split (sharded across workers, counts all-reduced) and
-AutoAttack on a subset. DeACL's recipe is the default (SGD 0.9, wd 2e-4, lr/10 at 15 and 20).
+AutoAttack on a subset. DeACL's recipe is the default (SGD 0.9, wd 2e-4, lr/10 at 15 and 20);
+the other references' recipes are keys (docs/fidelity.md): the heads' training images
+(eval.linear.augment), head init, TRADES' forwards, the training attack's step size and BN mode,
+and attacks on L2-normalised logits (the study).
 
 `run_protocol` is what the evaluate worker (trainer/worker/evaluate.py) runs per protocol; the
 DDP wrap comes from the worker (`wrap`), so this module needs no Ray.
@@ -23,7 +27,7 @@ from torch import nn
 
 from data_pipeline.loaders import build_loader
 from data_pipeline.write import beton_path
-from trainer.adversarial_training import supervised_loss
+from trainer.adversarial_training import normalized, supervised_loss
 from trainer.attacks import pgd_config
 from trainer.checkpoint import load_encoder
 from trainer.distributed import WorkerContext, all_reduce_mean, all_reduce_sum
@@ -37,13 +41,27 @@ Wrap = Callable[[nn.Module], nn.Module]
 class Classifier(nn.Module):
     """Encoder (with its normalisation) + linear head: pixels in [0,1] -> logits."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int, head_init: str = "default") -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.feature_dim, num_classes)
+        if head_init == "zero":  # ACL's cvt_state_dict: fc weight and bias start at 0
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+
+class NormalizedLogits(nn.Module):
+    """A classifier whose logits are L2-normalised (what the study's attacks see; argmax unchanged)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalized(self.model)(x)
 
 
 PROTOCOL_LOSS = {"slf": "ce", "le": "ce", "alf": "trades", "rle": "pgd_at", "aff": "trades"}
@@ -59,8 +77,12 @@ class Protocol:
 
 
 def protocol_loss(protocol: str, ecfg: Mapping[str, Any]) -> str:
-    """The head's training loss: ce | trades | pgd_at (ALF's is eval.alf_loss)."""
-    return ecfg["alf_loss"] if protocol == "alf" else PROTOCOL_LOSS[protocol]
+    """The head's training loss: ce | trades | pgd_at | ce_clean_adv (ALF's is eval.alf_loss, AFF's eval.aff_loss)."""
+    if protocol == "alf":
+        return ecfg["alf_loss"]
+    if protocol == "aff":
+        return ecfg.get("aff_loss", PROTOCOL_LOSS["aff"])
+    return PROTOCOL_LOSS[protocol]
 
 
 def protocol_spec(protocol: str, ecfg: Mapping[str, Any]) -> Protocol:
@@ -85,10 +107,10 @@ def head_train_config(ecfg: Mapping[str, Any], spec: Protocol) -> dict[str, Any]
 
 
 def build_classifier(model_path: str, num_classes: int, spec: Protocol, ctx: WorkerContext,
-                     wrap: Wrap) -> tuple[Classifier, Callable[[torch.Tensor], torch.Tensor]]:
+                     wrap: Wrap, head_init: str = "default") -> tuple[Classifier, Callable[[torch.Tensor], torch.Tensor]]:
     """(classifier, its training forward): the whole model wrapped for AFF, else the head only."""
     encoder = load_encoder(model_path, ctx.device, with_projector=False)
-    model = Classifier(encoder, num_classes).to(ctx.device)
+    model = Classifier(encoder, num_classes, head_init).to(ctx.device)
     for p in encoder.parameters():
         p.requires_grad_(spec.full)
     if spec.full:
@@ -102,13 +124,14 @@ def train_head(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, tr
     """Train the head (or, for AFF, everything) for eval.linear.epochs; one report per epoch but the last."""
     ecfg, data = cfg["eval"], cfg["data"]
     tcfg = head_train_config(ecfg, spec)
-    loader = build_loader(str(beton_path(data, "train")), "weak", tcfg["batch_size"] // ctx.world_size, ctx.device,
+    views = "weak" if ecfg["linear"]["augment"] == "weak" else "eval"  # eval: un-augmented images, shuffled
+    loader = build_loader(str(beton_path(data, "train")), views, tcfg["batch_size"] // ctx.world_size, ctx.device,
                           ctx.num_threads, train=True, seed=int(cfg["seed"]), distributed=ctx.distributed,
                           augment=data["augment"])
     opt = build_optimizer(model.parameters(), tcfg)
     sched = build_scheduler(opt, tcfg, len(loader))
-    attack = pgd_config(ecfg["pgd"], steps=int(ecfg["train_attack_steps"]))
-    beta = float(ecfg["linear"]["trades_beta"])
+    attack = train_attack(ecfg)
+    options = loss_options(ecfg)
     progress = Progress(f"{label}/{spec.name}", tcfg["epochs"], 0, ctx.is_main)
     for epoch in range(tcfg["epochs"]):
         loader.set_epoch(epoch)
@@ -118,7 +141,7 @@ def train_head(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, tr
         correct = torch.zeros((), device=ctx.device)
         for batch in loader:
             x, y = batch["views"][0], batch["label"]
-            loss, logits = supervised_loss(spec.loss, model, train_net, x, y, attack, beta)
+            loss, logits = supervised_loss(spec.loss, model, train_net, x, y, attack, **options)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -130,6 +153,19 @@ def train_head(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, tr
         progress.epoch_line(epoch, n * ctx.world_size, time.time() - t0, metrics)
         if epoch + 1 < tcfg["epochs"]:
             report_each_epoch({f"{spec.name}_{k}": v for k, v in metrics.items()})
+
+
+def train_attack(ecfg: Mapping[str, Any]):
+    """The heads' training attack: eval.pgd's start, eval.train_attack_steps / _alpha / _eps (null: eval.pgd's)."""
+    changes = {k: float(ecfg[f"train_attack_{k}"]) for k in ("alpha", "eps") if ecfg[f"train_attack_{k}"] is not None}
+    return pgd_config(ecfg["pgd"], steps=int(ecfg["train_attack_steps"]), **changes)
+
+
+def loss_options(ecfg: Mapping[str, Any]) -> dict[str, Any]:
+    """supervised_loss's keywords for the heads (TRADES beta and forwards, attack mode, logits)."""
+    return {"beta": float(ecfg["linear"]["trades_beta"]), "trades_forwards": ecfg["linear"]["trades_forwards"],
+            "attack_train_mode": None if ecfg["train_attack_mode"] == "training" else False,
+            "normalize_logits": "attack" if ecfg["attack_normalized_logits"] else "none"}
 
 
 def first_test_examples(data: Mapping[str, Any], n: int | None, batch: int,
@@ -154,7 +190,8 @@ def measure_robustness(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classi
     per_rank = int(ecfg["linear"]["batch_size"]) // ctx.world_size
     test = build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
                         train=False, distributed=ctx.distributed, drop_last=False)
-    counts = all_reduce_sum(clean_and_pgd_counts(model, test, pgd_config(ecfg["pgd"])).counts(), ctx)
+    attacked = NormalizedLogits(model) if ecfg["attack_normalized_logits"] else model  # same predictions
+    counts = all_reduce_sum(clean_and_pgd_counts(attacked, test, pgd_config(ecfg["pgd"])).counts(), ctx)
     result = {f"{protocol}_sa": counts["clean"] / counts["total"], f"{protocol}_ra": counts["robust"] / counts["total"],
               f"{protocol}_n_test": counts["total"]}
     aa = ecfg["autoattack"]
@@ -177,7 +214,8 @@ def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, pr
                  wrap: Wrap) -> tuple[dict[str, float], Classifier]:
     """Train the protocol's head on the encoder at `model_path`, then measure it; (results, classifier)."""
     spec = protocol_spec(protocol, cfg["eval"])
-    model, train_net = build_classifier(model_path, int(cfg["data"]["num_classes"]), spec, ctx, wrap)
+    model, train_net = build_classifier(model_path, int(cfg["data"]["num_classes"]), spec, ctx, wrap,
+                                        cfg["eval"]["linear"]["head_init"])
     train_head(cfg, ctx, model, train_net, spec, label, report_each_epoch)
     result = measure_robustness(cfg, ctx, model, protocol, label)
     if ctx.is_main:
