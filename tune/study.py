@@ -9,13 +9,13 @@ Schemes (after Ghofrani et al.): SL (cross-entropy; adversarially: PGD-AT), CL (
 positives through the SupCon code path; adversarially: its adversarial pre-training) and SCL
 (SupCon; adversarial SupCon). Every scheme is pre-trained standard and adversarially -- the Tune
 grid is schemes x {standard, adversarial}, each trial one `recipe=pretrain` run (Ray Train
-pre-training, then SLF and ALF evaluation, both under Ray Train) -- and the two linear heads of
-each encoder give the four scenarios:
+pre-training, then the evaluation protocols its scenarios need, under Ray Train) -- and the heads
+give the study's four scenarios (its Table 1; `study.scenarios`):
 
     ST          standard encoder,    standard head (SLF)
     AT          adversarial encoder, standard head (SLF)
-    partial-AT  standard encoder,    adversarial head (ALF)
-    full-AT     adversarial encoder, adversarial head (ALF)
+    partial-AT  adversarial encoder, adversarially trained head (ALF)
+    full-AT     adversarial encoder, fine-tuned adversarially (AFF)
 
 The study then writes `study_table.{csv,json,md}` (SA / RA per scheme and scenario, printed too),
 `study_scenarios.png`, and per scheme the representation analysis of its adversarial vs its
