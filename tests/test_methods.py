@@ -352,15 +352,17 @@ def _train(method, digits, steps: int, lr: float = 0.1, seed: int = 0) -> list[f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,overrides", [
-    ("acl", {"variant": "ds"}),
-    ("rocl", {}),
-    ("supcon", {}),
-    ("supcon", {"adversarial": True}),
-    ("supervised", {"loss": "ce"}),
-    ("supervised", {"loss": "trades", "attack": {"steps": 2}}),
+@pytest.mark.parametrize("name,overrides,lr", [
+    ("acl", {"variant": "ds"}, 0.1),
+    ("rocl", {}, 0.1),
+    # the study's projector has no BN: 20 SGD steps at 0.1 left kNN where it started (0.653 -> 0.642),
+    # at 0.3 it rises to 0.756
+    ("supcon", {}, 0.3),
+    ("supcon", {"adversarial": True}, 0.1),
+    ("supervised", {"loss": "ce"}, 0.1),
+    ("supervised", {"loss": "trades", "attack": {"steps": 2}}, 0.1),
 ])
-def test_learns_on_digits(digits, name, overrides, steps=20, lr=0.1):
+def test_learns_on_digits(digits, name, overrides, lr, steps=20):
     torch.manual_seed(0)
     _, method = make(name, steps=2, **overrides)
     knn_init = _knn(method.export_encoder(), digits)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Callable, Mapping
 from conf import ConfigError, compose, compose_raw, config_hash, validate
 from conf.cli import CommandLine, cli_main
 from data_pipeline.write import ensure_betons
+from trainer.grid import per_trial_resources, trials_that_fit
 from trainer.launch import init_ray, run_train_stage, use_gpu
 from trainer.recipes import initial_artifacts, plan, preflight, run_stage, stage_payload
 from trainer.worker import pretrain_loop
@@ -117,25 +117,10 @@ def trials_storage(cfg: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- resources
 
-def per_trial_resources(cfg: Mapping[str, Any], gpu: bool) -> dict[str, float]:
-    c = cfg["cluster"]
-    need = {"CPU": int(c["num_workers"]) * int(c["cpus_per_worker"])}
-    if gpu:
-        need["GPU"] = int(c["num_workers"]) * float(c["gpus_per_worker"])
-    return need
-
-
 def max_concurrent(cfg: Mapping[str, Any], cluster_resources: Mapping[str, float], gpu: bool,
                    explicit: int | None = None) -> int:
-    """How many trials fit the cluster at once (each: its Train workers + a 0.01-CPU trial actor)."""
-    explicit = explicit or cfg["tune"]["max_concurrent_trials"]
-    if explicit:
-        return int(explicit)
-    need = per_trial_resources(cfg, gpu)
-    fits = [math.floor((cluster_resources.get("CPU", 0) + 1e-9) / (need["CPU"] + 0.01))]
-    if gpu:
-        fits.append(math.floor((cluster_resources.get("GPU", 0) + 1e-9) / need["GPU"]))
-    return max(1, min(fits))
+    """How many trials fit the cluster at once (`tune.max_concurrent_trials` wins when set)."""
+    return trials_that_fit(cfg, cluster_resources, gpu, explicit or cfg["tune"]["max_concurrent_trials"])
 
 
 def init_ray_for_sweep(cfg: Mapping[str, Any]) -> None:
