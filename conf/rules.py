@@ -23,6 +23,7 @@ def check_rules(cfg: Mapping[str, Any]) -> None:
         raise invalid("eval.linear.batch_size", lin_bs, f"must be divisible by cluster.num_workers={world}")
     _check_data(cfg["data"])
     _check_monitor(cfg)
+    _check_autoattack(cfg["eval"]["autoattack"])
     _check_recipe(cfg)
     _check_paths(cfg)
     if cfg["seeds"] is not None and len(set(cfg["seeds"])) != len(cfg["seeds"]):
@@ -72,6 +73,12 @@ def _check_monitor(cfg: Mapping[str, Any]) -> None:
     if every and ("val" not in data["splits"] or not data["val_fraction"]):
         raise invalid("monitor.robust_every", every, "needs a held-out validation split: set data.val_fraction "
                       "> 0 and add val to data.splits (the test set is never used to select models)")
+
+
+def _check_autoattack(aa: Mapping[str, Any]) -> None:
+    if aa["enabled"] and aa["norm"] != "Linf" and aa["eps"] is None:
+        raise ConfigError(f"eval.autoattack.eps=null is invalid with eval.autoattack.norm={aa['norm']}: "
+                          "must be a radius > 0 (eval.pgd.eps is an L-inf one), e.g. 0.5")
 
 
 def _check_recipe(cfg: Mapping[str, Any]) -> None:

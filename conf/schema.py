@@ -442,14 +442,29 @@ class LinearEval(Section):
 
 
 class AutoAttackCfg(Section):
-    """AutoAttack for reporting."""
+    """AutoAttack for reporting: the authors' code (pyautoattack), at the protocol's radius."""
 
     enabled: bool = True
     """run AutoAttack after PGD"""
     version: Literal["standard", "plus", "rand"] = "standard"
-    """attack suite"""
+    """attack suite (standard: APGD-CE, APGD-T, FAB-T at 100 iterations, Square 5,000 queries)"""
     n_examples: PositiveInt | None = 1000
-    """first n test images (null: the full test set)"""
+    """first n test images (null: the full test set); SA and PGD RA are reported on them too"""
+    norm: Literal["Linf", "L2"] = "Linf"
+    """threat model"""
+    eps: Annotated[float, Field(gt=0)] | None = None
+    """radius (null: eval.pgd.eps, which is L-inf; set it for L2, e.g. 0.5)"""
+
+
+class RobustnessCurve(Section):
+    """Accuracy against the attack radius: PGD at each eps on the test split, plotted beside results.json."""
+
+    eps: list[Annotated[float, Field(gt=0, le=1)]] = []
+    """radii (eval.pgd's norm; empty: no curve); eps 0 is SA"""
+    steps: PositiveInt = 20
+    """PGD steps at every radius (step size 2.5 eps / steps, Madry et al.)"""
+    n_examples: PositiveInt | None = None
+    """first n test images (null: the whole test split)"""
 
 
 class Eval(Section):
@@ -457,6 +472,8 @@ class Eval(Section):
 
     protocols: list[Literal[PROTOCOLS]] = ["slf"]  # type: ignore[valid-type]
     """slf | alf | aff | le | rle (RoCL's linear evaluation, clean / PGD-10)"""
+    label_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    """heads train on this class-stratified, seeded fraction of the training split (label efficiency: 0.01, 0.1; null: all)"""
     bn_mode: Literal["eval", "train"] = "eval"
     """frozen protocols: eval = BN running stats fixed; train = DeACL's reference quirk"""
     alf_loss: Literal["trades", "pgd_at", "ce_clean_adv"] = "trades"
@@ -481,6 +498,8 @@ class Eval(Section):
     """PGD for reporting (PGD-20)"""
     autoattack: AutoAttackCfg = Field(default_factory=AutoAttackCfg)
     """AutoAttack for reporting"""
+    curve: RobustnessCurve = Field(default_factory=RobustnessCurve)
+    """the robustness curve (PGD accuracy against eps)"""
 
 
 class Monitor(Section):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -210,7 +210,8 @@ def loader_threads(num_threads: int | None) -> int:
 
 def build_loader(path: str, views: str, batch_size: int, device: torch.device | str = "cpu",
                  num_threads: int | None = None, train: bool = True, seed: int = 0, distributed: bool = False,
-                 augment: Mapping[str, Any] | None = None, drop_last: bool | None = None) -> ViewLoader:
+                 augment: Mapping[str, Any] | None = None, drop_last: bool | None = None,
+                 indices: Sequence[int] | None = None) -> ViewLoader:
     """Build the loader for one rank.
 
     views: "two_view" (SimCLR/ACL), "three_view" (RoCL: original, t, t'), "weak" (crop with
@@ -218,8 +219,10 @@ def build_loader(path: str, views: str, batch_size: int, device: torch.device | 
     With distributed=True each rank reads its own shard (torch.distributed must be set up):
     FFCV emulates DistributedSampler, which pads the order with repeated samples so every rank
     gets ceil(N / world) samples. num_threads: FFCV/numba threads (default: the Ray worker's CPU
-    allocation). The file is checked first (manifest, size, structure): a truncated or replaced
-    beton raises BetonError instead of being read.
+    allocation). `indices`: read only these samples (e.g. a labelled fraction; batches keep the
+    original sample indices, so the seeded augmentation is the same as in the whole split). The
+    file is checked first (manifest, size, structure): a truncated or replaced beton raises
+    BetonError instead of being read.
     """
     if views not in VIEW_KINDS:
         raise ValueError(f"views={views!r} is not known; allowed: {', '.join(VIEW_KINDS)}")
@@ -237,7 +240,8 @@ def build_loader(path: str, views: str, batch_size: int, device: torch.device | 
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     loader = GuardedLoader(str(path), batch_size=batch_size, num_workers=loader_threads(num_threads),
                            order=order, distributed=distributed, seed=int(seed), pipelines=pipelines,
-                           drop_last=train if drop_last is None else drop_last, os_cache=True)
+                           drop_last=train if drop_last is None else drop_last, os_cache=True,
+                           indices=None if indices is None else [int(i) for i in indices])
     if len(loader) == 0:
         n = len(loader.first_traversal_order)
         raise ValueError(f"{path}: this rank's shard has {n} images, fewer than batch_size={batch_size} "

@@ -374,6 +374,30 @@ def ensure_betons(data_cfg: Mapping[str, Any], splits: list[str], force: bool = 
     return out
 
 
+def read_beton_labels(path: str | os.PathLike) -> np.ndarray:
+    """The label of every sample of a beton, in file order (from its metadata; no images read)."""
+    with keep_torch_threads():
+        from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A class-stratified, seeded fraction of the samples (at least one per class), sorted.
+
+    Each class keeps round(fraction * its size) samples drawn by a permutation seeded from `seed`:
+    the same seed gives the same labelled subset on every machine and rank.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x1ABE1]))
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = max(1, int(round(fraction * len(members))))
+        keep.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(keep))
+
+
 def read_beton_raw(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray]:
     """Images (HWC uint8) and labels of a raw-mode beton, read directly (no FFCV pipeline).
 
@@ -383,9 +407,7 @@ def read_beton_raw(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarra
         from ffcv.reader import Reader
 
     reader = Reader(str(path))
-    meta = reader.metadata
-    image_meta = meta[f"f{reader.field_names.index('image')}"]
-    label_meta = meta[f"f{reader.field_names.index('label')}"]
+    image_meta = reader.metadata[f"f{reader.field_names.index('image')}"]
     if np.any(image_meta["mode"] != 1):
         raise BetonError(f"{path}: read_beton_raw needs raw-mode images")
     data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -393,7 +415,7 @@ def read_beton_raw(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarra
     for m in image_meta:
         h, w, ptr = int(m["height"]), int(m["width"]), int(m["data_ptr"])
         images.append(np.array(data[ptr: ptr + h * w * 3]).reshape(h, w, 3))
-    return images, np.asarray(label_meta, dtype=np.int64)
+    return images, read_beton_labels(path)
 
 
 def write_command(cl: CommandLine) -> int:

@@ -62,6 +62,15 @@ def test_batch_not_divisible_by_workers(tmp_path):
         compose(_base(tmp_path) + ["cluster.num_workers=3"])
 
 
+def test_l2_autoattack_needs_its_own_radius(tmp_path):
+    with pytest.raises(ConfigError, match=r"^eval.autoattack.eps=null is invalid with eval.autoattack.norm=L2: "):
+        compose(_base(tmp_path) + ["eval.autoattack.norm=L2"])
+    cfg = compose(_base(tmp_path) + ["eval.autoattack.norm=L2", "eval.autoattack.eps=0.5"])
+    assert (cfg["eval"]["autoattack"]["norm"], cfg["eval"]["autoattack"]["eps"]) == ("L2", 0.5)
+    with pytest.raises(ConfigError, match=r"eval.curve.eps"):
+        compose(_base(tmp_path) + ["eval.curve.eps=[0.03,-1]"])
+
+
 def test_missing_teacher_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match=r"^teacher.checkpoint='.*nope.pt' is invalid: file does not exist"):
         compose(_base(tmp_path) + [f"teacher.checkpoint={tmp_path}/nope.pt"])

@@ -1,5 +1,7 @@
-"""The reporting attacks on a trained model: our PGD-20 agrees with torchattacks.PGD, and
-AutoAttack (torchattacks, through our wrapper) is never weaker than PGD-20.
+"""The reporting attacks on a trained model: our PGD-20 agrees with torchattacks.PGD (an independent
+implementation), and AutoAttack (the authors' pyautoattack, standard version, through our wrapper)
+runs at the standard's strength, is never weaker than PGD-20 on the same images, and finds at least
+what 100-step APGD-CE alone finds.
 
 A width-4 ResNet-18 classifier (our Encoder + linear head) is trained on digits (16x16) with CE
 for a few epochs, in-process, without Ray: PGD-20 at eps 8/255 then leaves about half of the
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from data_pipeline.sources import load_source
 from trainer.evaluation.protocols import Classifier
 from trainer.attacks import pgd_config
-from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts
+from trainer.evaluation.autoattack import build_autoattack, run_autoattack
+from trainer.evaluation.robustness import clean_and_pgd_counts
 from trainer.models import build_encoder
 
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -88,13 +91,55 @@ def test_pgd20_agrees_with_torchattacks(trained):
     assert abs(ours - theirs) <= 0.01
 
 
-def test_autoattack_never_above_pgd20(trained):
+def test_autoattack_is_the_standard_configuration(trained):
+    model, _, _ = trained
+    aa = build_autoattack(model, EPS, "Linf", 10, "standard", 0, "cpu")
+    assert aa.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa.norm == "Linf" and aa.epsilon == EPS
+    assert (aa.apgd.n_iter, aa.apgd.n_restarts, aa.apgd.loss) == (100, 1, "ce")
+    assert (aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes, aa.apgd_targeted.n_restarts) == (100, 9, 1)
+    assert (aa.fab.n_iter, aa.fab.n_target_classes, aa.fab.n_restarts) == (100, 9, 1)
+    assert aa.square.n_queries == 5000
+    fewer = build_autoattack(model, EPS, "Linf", 5, "standard", 0, "cpu")  # 5 classes: 4 targets
+    assert (fewer.apgd_targeted.n_target_classes, fewer.fab.n_target_classes) == (4, 4)
+
+
+@pytest.fixture(scope="module")
+def autoattacked(trained):
     model, x, y = trained
-    x, y = x[:48], y[:48]
+    x, y = x[:32], y[:32]
     torch.manual_seed(2)
     _, pgd = _pgd20_accuracy(model, x, y)
-    t0 = time.time()
-    aa = autoattack_accuracy(model, x, y, EPS, num_classes=10, version="standard")
-    print(f"\n[test_eval_attacks] n={len(y)} PGD-20 {pgd:.4f} AutoAttack {aa:.4f} ({time.time() - t0:.0f}s)")
-    assert pgd > 0.1
-    assert aa <= pgd
+    res = run_autoattack(model, x, y, eps=EPS, num_classes=10, seed=0, label="test")
+    print(f"\n[test_eval_attacks] n={len(y)} PGD-20 {pgd:.4f} AutoAttack {res.robust:.4f} after {res.after} "
+          f"({res.seconds:.0f}s)")
+    return pgd, res
+
+
+def test_autoattack_never_above_pgd20_on_the_same_images(autoattacked, capsys):
+    pgd, res = autoattacked
+    assert pgd > 0.1 and res.n == 32
+    assert res.robust <= pgd
+    after = [res.after[a] for a in ("apgd-ce", "apgd-t", "fab-t", "square")]
+    assert after == sorted(after, reverse=True) and after[-1] == pytest.approx(res.robust)
+
+
+def test_autoattack_finds_at_least_what_apgd_ce_alone_finds(trained, autoattacked):
+    from pyautoattack import AutoAttack
+
+    model, x, y = trained
+    _, res = autoattacked
+    alone = AutoAttack(model, eps=EPS, norm="Linf", version="custom", attacks=["apgd-ce"], seed=0)
+    alone.apgd.n_iter, alone.apgd.n_restarts = 100, 1
+    x_adv, _ = alone.run_standard_evaluation(x[:32], y[:32], batch_size=32)
+    with torch.no_grad():
+        apgd = (model(x_adv).argmax(1) == y[:32]).float().mean().item()
+    assert res.robust <= apgd
+    assert res.after["apgd-ce"] == pytest.approx(apgd)  # the same attack, seed and images
+
+
+def test_autoattack_prints_progress(trained, capsys):
+    model, x, y = trained
+    run_autoattack(model, x[:8], y[:8], eps=EPS, num_classes=10, version="rand", seed=0, label="stage/slf")
+    out = capsys.readouterr().out
+    assert "[stage/slf] AutoAttack apgd-ce 1/1 batches robust_so_far" in out and "eta" in out
+    assert "[stage/slf] AutoAttack after apgd-ce: robust" in out

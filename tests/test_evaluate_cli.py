@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -37,9 +38,10 @@ def evaluated(tmp_path_factory):
     args = ["-m", "trainer.evaluate", f"checkpoint={ckpt}",
             *tiny_overrides(tmp, **{"eval.autoattack.n_examples": "4", "cluster.cpus_per_worker": "1"}),
             f"eval.protocols=[{','.join(PROTOCOLS)}]", "eval.alf_loss=pgd_at", "eval.train_attack_steps=1",
-            "eval.linear.batch_size=256"]
+            "eval.linear.batch_size=256", "eval.curve.eps=[0.0314,0.0627]", "eval.curve.steps=2",
+            "eval.label_fraction=0.5"]  # the heads on a stratified half of the training split
     proc = _run(args)
-    return {"tmp": tmp, "ckpt": ckpt, "stdout": proc.stdout, "args": args}
+    return {"tmp": tmp, "ckpt": ckpt, "stdout": proc.stdout, "log": proc.stdout + proc.stderr, "args": args}
 
 
 @pytest.mark.slow
@@ -62,6 +64,12 @@ def test_evaluate_cli_table_json_csv(evaluated):
             assert 0.0 <= m[f"{p}_{k}"] <= 1.0
         assert m[f"{p}_n_test"] == 360  # the whole digits test split
         assert m[f"{p}_aa_n"] == 4
+        # SA / PGD on AutoAttack's 4 images, and AutoAttack's robust accuracy after each of its attacks
+        assert 0.0 <= m[f"{p}_aa_ra"] <= m[f"{p}_aa_sa"] <= 1.0
+        after = [m[f"{p}_aa_after_{a}"] for a in ("apgd_ce", "apgd_t", "fab_t", "square")]
+        assert after == sorted(after, reverse=True) and after[-1] == pytest.approx(m[f"{p}_aa"])
+        curve = [m[f"{p}_curve_ra_at_{e:.6f}"] for e in (0.0314, 0.0627)]
+        assert all(0.0 <= c <= 1.0 for c in curve)
         assert m[f"{p}_ra"] <= m[f"{p}_sa"] + 1e-9
         assert (run / "evaluate_model" / f"classifier_{p}.pt").exists()
     assert results["checkpoint"]["path"] == str(evaluated["ckpt"])
@@ -72,6 +80,13 @@ def test_evaluate_cli_table_json_csv(evaluated):
         rows = list(csv.DictReader(f))
     assert [r["protocol"] for r in rows] == [p.upper() for p in PROTOCOLS]
     assert float(rows[0]["SA"]) == pytest.approx(100 * m["slf_sa"])
+    assert float(rows[0]["AA_SA"]) == pytest.approx(100 * m["slf_aa_sa"])
+    assert float(rows[0]["curve_RA_at_0.031400"]) == pytest.approx(100 * m["slf_curve_ra_at_0.031400"])
+    assert (run / "robustness_curve.png").exists() and str(run / "robustness_curve.png") in results["figures"]
+    assert "AutoAttack after apgd-ce: robust" in evaluated["log"]
+    labelled = re.search(r"heads train on (\d+) labelled images \(label_fraction 0.5\)", evaluated["log"])
+    assert labelled and abs(int(labelled.group(1)) - 0.5 * 1437) <= 5, labelled  # 1,437 digits train images
+    assert "PGD-2 (test split) 1/2 batches images 256 robust_so_far" in evaluated["log"]
     with open(run / "results_paper.csv") as f:
         wide = list(csv.DictReader(f))
     assert len(wide) == 1 and wide[0]["model"] == "teacher"

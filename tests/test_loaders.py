@@ -314,3 +314,29 @@ def test_empty_shard_is_an_error_not_a_silent_noop(id_beton):
     path, _ = id_beton
     with pytest.raises(ValueError, match="fewer than batch_size"):
         build_loader(str(path), "eval", batch_size=N + 1, train=True, num_threads=1)
+
+
+def test_stratified_subset_keeps_each_class_share_and_is_seeded():
+    from data_pipeline.write import stratified_subset
+
+    labels = np.repeat(np.arange(10), [100, 100, 100, 100, 100, 50, 50, 50, 20, 3])
+    sub = stratified_subset(labels, 0.1, seed=0)
+    counts = np.bincount(labels[sub], minlength=10)
+    assert counts.tolist() == [10, 10, 10, 10, 10, 5, 5, 5, 2, 1]  # every class, at least one image
+    assert np.array_equal(sub, np.sort(sub)) and len(set(sub.tolist())) == len(sub)
+    assert np.array_equal(sub, stratified_subset(labels, 0.1, seed=0))
+    assert not np.array_equal(sub, stratified_subset(labels, 0.1, seed=1))
+    assert len(stratified_subset(labels, 1.0, seed=3)) == len(labels)
+
+
+def test_loader_reads_only_the_given_indices_with_their_labels(id_beton):
+    from data_pipeline.loaders import build_loader
+    from data_pipeline.write import read_beton_labels
+
+    path, _ = id_beton
+    assert read_beton_labels(path).tolist() == list(range(N))
+    keep = [3, 7, 8, 20, 41, 59]
+    loader = build_loader(str(path), "weak", batch_size=4, train=True, drop_last=False, num_threads=1, indices=keep)
+    batches = list(loader)
+    seen = sorted(int(v) for b in batches for v in b["label"])
+    assert seen == keep and sorted(int(v) for b in batches for v in b["index"]) == keep

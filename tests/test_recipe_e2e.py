@@ -23,7 +23,8 @@ def test_deacl_student_more_robust_than_teacher(tmp_path, ray_local):
         **{"model.width": "8", "teacher.method.train.epochs": "6", "method.train.epochs": "6",
            "eval.linear.epochs": "40", "eval.linear.batch_size": "64", "eval.linear.milestones": "[30]",
            "eval.pgd.steps": "10",
-           "eval.autoattack.enabled": "false", "monitor.knn_every": "3"}))
+           "eval.autoattack.enabled": "false", "monitor.knn_every": "3",
+           "eval.curve.eps": "[0.0314,0.0627,0.1255]", "eval.curve.steps": "5"}))
     results = run_recipe(cfg)
     out = tmp_path / "out" / cfg["run_name"]
     saved = json.loads((out / "results.json").read_text())
@@ -39,6 +40,11 @@ def test_deacl_student_more_robust_than_teacher(tmp_path, ray_local):
     # runs vary by a few points). At least 1.5x the teacher's and 5 points above it.
     assert student["RA_PGD"] >= 1.5 * teacher["RA_PGD"] and student["RA_PGD"] > teacher["RA_PGD"] + 5, \
         (teacher, student)
+    # the robustness curve: SA at eps 0, then falling with eps (within a point: PGD-5 vs PGD-10)
+    for r in (teacher, student):
+        curve = [r["SA"]] + [r[f"curve_RA_at_{e:.6f}"] for e in (0.0314, 0.0627, 0.1255)]
+        assert all(b <= a + 1 for a, b in zip(curve, curve[1:])), curve
+    assert (out / "robustness_curve.png").exists()
     # The teacher model file is exactly what stage 1 produced: stage 2 did not touch it.
     ray_ckpts = sorted(p for p in (tmp_path / "out" / "ray_results" / f"{cfg['run_name']}-teacher").glob("checkpoint_*") if p.is_dir())
     final = torch.load(ray_ckpts[-1] / "model.pt", weights_only=True)["encoder"]

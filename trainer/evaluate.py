@@ -80,9 +80,7 @@ def run(cl: CommandLine) -> int:
     preflight(cfg)
     results = run_recipe(cfg)
     results["checkpoint"] = info
-    results["eval_settings"] = {k: cfg["eval"][k] for k in (
-        "protocols", "bn_mode", "alf_loss", "aff_loss", "train_attack_steps", "train_attack_alpha", "train_attack_eps",
-        "train_attack_mode", "attack_normalized_logits", "linear", "pgd", "autoattack")}
+    results["eval_settings"] = {k: v for k, v in cfg["eval"].items() if k != "label"}
     write_results(run_dir(cfg), results, cfg)
     print()
     print(format_paper_table(results["table"], list(cfg["eval"]["protocols"]), int(cfg["eval"]["pgd"]["steps"])))

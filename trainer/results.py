@@ -7,27 +7,56 @@ from pathlib import Path
 from typing import Any
 
 
+CURVE = "_curve_ra_at_"
+
+
+def curve_points(m: dict[str, float], protocol: str) -> list[tuple[float, float]]:
+    """[(eps, accuracy %)] of one protocol's robustness curve, eps 0 = SA; [] without a curve."""
+    prefix = protocol + CURVE
+    points = sorted((float(k[len(prefix):]), 100 * v) for k, v in m.items() if k.startswith(prefix))
+    return [(0.0, 100 * m[f"{protocol}_sa"])] + points if points else []
+
+
+AA_AFTER_PREFIX = "aa_after_"
+
+
+def _pct(m: dict[str, float], key: str) -> float | None:
+    return 100 * m[key] if key in m else None
+
+
 def results_rows(evaluations: dict[str, dict[str, float]], protocols: list[str]) -> list[dict[str, Any]]:
+    """One row per (model, protocol): SA / RA on the whole test split, then AutoAttack with SA / RA on
+    its own images (AA_SA, AA_RA) and its robust accuracy after each attack, in %."""
     rows = []
     for label, m in evaluations.items():
         for p in protocols:
             if f"{p}_sa" not in m:
                 continue
+            after = {f"AA_after_{k[len(p) + 1 + len(AA_AFTER_PREFIX):]}": 100 * v for k, v in m.items()
+                     if k.startswith(f"{p}_{AA_AFTER_PREFIX}")}
             rows.append({"model": label, "protocol": p.upper(), "SA": 100 * m[f"{p}_sa"],
-                         "RA_PGD": 100 * m[f"{p}_ra"],
-                         "AA": 100 * m[f"{p}_aa"] if f"{p}_aa" in m else None,
-                         "AA_n": int(m[f"{p}_aa_n"]) if f"{p}_aa_n" in m else None,
-                         "n_test": int(m.get(f"{p}_n_test", 0))})
+                         "RA_PGD": 100 * m[f"{p}_ra"], "n_test": int(m.get(f"{p}_n_test", 0)),
+                         "AA": _pct(m, f"{p}_aa"), "AA_n": int(m[f"{p}_aa_n"]) if f"{p}_aa_n" in m else None,
+                         "AA_SA": _pct(m, f"{p}_aa_sa"), "AA_RA_PGD": _pct(m, f"{p}_aa_ra"), **after,
+                         **{f"curve_RA_at_{e:.6f}": a for e, a in curve_points(m, p)[1:]}})
     return rows
 
 
+def _cell(v: float | None, width: int) -> str:
+    return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
+
+
 def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
-    head = f"{'model':<12}{'protocol':<10}{'SA':>8}{f'RA(PGD-{pgd_steps})':>14}{'AA':>8}{'AA n':>7}"
+    """SA / RA on the whole test split; AutoAttack beside SA / RA on the images it attacked."""
+    ra = f"RA(PGD-{pgd_steps})"
+    head = f"{'model':<12}{'protocol':<10}{'SA':>8}{ra:>12} |{'AA n':>6}{'SA':>8}{ra:>12}{'AA':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        aa = f"{r['AA']:8.2f}" if r["AA"] is not None else f"{'-':>8}"
-        lines.append(f"{r['model']:<12}{r['protocol']:<10}{r['SA']:8.2f}{r['RA_PGD']:14.2f}{aa}"
-                     f"{(r['AA_n'] or 0):7d}")
+        lines.append(f"{r['model']:<12}{r['protocol']:<10}{r['SA']:8.2f}{r['RA_PGD']:12.2f} |{(r['AA_n'] or 0):6d}"
+                     f"{_cell(r.get('AA_SA'), 8)}{_cell(r.get('AA_RA_PGD'), 12)}{_cell(r['AA'], 8)}")
+    n_test = {r["n_test"] for r in rows}
+    lines.append(f"Left: the whole test split ({'/'.join(map(str, sorted(n_test)))} images). Right: the first AA n "
+                 "test images,\nwhere AutoAttack ran, with SA and RA on those same images. All in %.")
     return "\n".join(lines)
 
 
@@ -59,17 +88,54 @@ def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_ste
                 cells.append(f"{v:8.2f}" if v is not None else f"{'-':>8}")
             cells.append("|")
         lines.append(f"{str(w['model']):<{name_w}}" + "".join(cells))
-    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy (full test split), "
-                 "AA: AutoAttack robust accuracy (subset, see AA_n in the CSV); all in %.")
+    subset = sorted({r["AA_n"] for r in rows if r["AA_n"] and r["AA_n"] < r["n_test"]})
+    aa = (f"AA: AutoAttack robust accuracy on the first {'/'.join(map(str, subset))} test images (SA and RA on "
+          "those images: AA_SA, AA_RA_PGD in results.csv)" if subset else "AA: AutoAttack robust accuracy")
+    lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy (full test split), {aa}; all in %.")
     return "\n".join(lines)
+
+
+def plot_robustness_curve(out: Path, evaluations: dict[str, dict[str, float]], protocols: list[str],
+                          norm: str) -> Path | None:
+    """robustness_curve.png: PGD accuracy against eps, one line per (model, protocol)."""
+    curves = {(label, p): curve_points(m, p) for label, m in evaluations.items() for p in protocols
+              if f"{p}_sa" in m}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, unit = (255.0, "eps (x/255, L-inf)") if norm == "linf" else (1.0, f"eps ({norm})")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (label, p), pts in curves.items():
+        ax.plot([e * scale for e, _ in pts], [a for _, a in pts], marker="o", label=f"{label} / {p.upper()}")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("accuracy under PGD (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title("Robustness curve (eps 0: clean accuracy)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "robustness_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_results(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> None:
     rows = results_rows(results["evaluations"], list(cfg["eval"]["protocols"]))
     results["table"] = rows
+    curve = plot_robustness_curve(out, results["evaluations"], list(cfg["eval"]["protocols"]),
+                                  cfg["eval"]["pgd"]["norm"])
+    if curve is not None:
+        results["figures"] = sorted({*results.get("figures", []), str(curve)})
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "protocol", "SA", "RA_PGD", "AA", "AA_n", "n_test"])
+        fields = ["model", "protocol", "SA", "RA_PGD", "n_test", "AA", "AA_n", "AA_SA", "AA_RA_PGD"]
+        w = csv.DictWriter(f, fieldnames=fields + sorted({k for r in rows for k in r} - set(fields)))
         w.writeheader()
         w.writerows(rows)
     # The same numbers in the papers' layout: one row per model, SA / RA / AA per protocol.

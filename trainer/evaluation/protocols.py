@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from data_pipeline.loaders import build_loader
-from data_pipeline.write import beton_path
+from data_pipeline.write import beton_path, read_beton_labels, stratified_subset
 from trainer.adversarial_training import normalized, supervised_loss
 from trainer.attacks import pgd_config
 from trainer.checkpoint import load_encoder
 from trainer.distributed import WorkerContext, all_reduce_mean, all_reduce_sum
-from trainer.evaluation.robustness import autoattack_accuracy, clean_and_pgd_counts
+from trainer.evaluation.autoattack import after_key, result_keys, run_autoattack
+from trainer.evaluation.robustness import RobustCounts, clean_and_pgd_counts
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import Progress
 
@@ -122,12 +123,9 @@ def build_classifier(model_path: str, num_classes: int, spec: Protocol, ctx: Wor
 def train_head(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, train_net, spec: Protocol,
                label: str, report_each_epoch: Callable[[dict[str, float]], None]) -> None:
     """Train the head (or, for AFF, everything) for eval.linear.epochs; one report per epoch but the last."""
-    ecfg, data = cfg["eval"], cfg["data"]
+    ecfg = cfg["eval"]
     tcfg = head_train_config(ecfg, spec)
-    views = "weak" if ecfg["linear"]["augment"] == "weak" else "eval"  # eval: un-augmented images, shuffled
-    loader = build_loader(str(beton_path(data, "train")), views, tcfg["batch_size"] // ctx.world_size, ctx.device,
-                          ctx.num_threads, train=True, seed=int(cfg["seed"]), distributed=ctx.distributed,
-                          augment=data["augment"])
+    loader = head_train_loader(cfg, ctx, tcfg["batch_size"] // ctx.world_size)
     opt = build_optimizer(model.parameters(), tcfg)
     sched = build_scheduler(opt, tcfg, len(loader))
     attack = train_attack(ecfg)
@@ -153,6 +151,21 @@ def train_head(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, tr
         progress.epoch_line(epoch, n * ctx.world_size, time.time() - t0, metrics)
         if epoch + 1 < tcfg["epochs"]:
             report_each_epoch({f"{spec.name}_{k}": v for k, v in metrics.items()})
+
+
+def head_train_loader(cfg: Mapping[str, Any], ctx: WorkerContext, per_rank: int):
+    """The heads' training loader: weak views (or un-augmented, shuffled), all of the training split
+    or its eval.label_fraction (class-stratified, seeded; the last partial batch is kept)."""
+    ecfg, data = cfg["eval"], cfg["data"]
+    path = str(beton_path(data, "train"))
+    views = "weak" if ecfg["linear"]["augment"] == "weak" else "eval"  # eval: un-augmented images, shuffled
+    fraction = ecfg["label_fraction"]
+    indices = None if fraction is None else stratified_subset(read_beton_labels(path), fraction, int(cfg["seed"]))
+    if ctx.is_main and indices is not None:
+        print(f"[eval] heads train on {len(indices)} labelled images (label_fraction {fraction})", flush=True)
+    return build_loader(path, views, per_rank, ctx.device, ctx.num_threads, train=True, seed=int(cfg["seed"]),
+                        distributed=ctx.distributed, augment=data["augment"],
+                        drop_last=None if indices is None else False, indices=indices)
 
 
 def train_attack(ecfg: Mapping[str, Any]):
@@ -183,30 +196,85 @@ def first_test_examples(data: Mapping[str, Any], n: int | None, batch: int,
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def pgd_progress(stage: str, what: str, total_batches: int,
+                 enabled: bool) -> Callable[[RobustCounts], None] | None:
+    """A progress line per attacked batch (rank 0): images done, robust accuracy so far, ETA."""
+    if not enabled:
+        return None
+    t0, done = time.time(), [0]
+
+    def show(c: RobustCounts) -> None:
+        done[0] += 1
+        Progress.items_line(stage, what, done[0], total_batches, time.time() - t0,
+                            {"images": c.total, "robust_so_far": c.robust / max(1, c.total)}, unit="batches")
+    return show
+
+
 def measure_robustness(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classifier, protocol: str,
-                    label: str) -> dict[str, float]:
+                       label: str) -> dict[str, float]:
     """SA and PGD RA on the whole test split (sharded), AutoAttack on rank 0's subset."""
     ecfg, data = cfg["eval"], cfg["data"]
     per_rank = int(ecfg["linear"]["batch_size"]) // ctx.world_size
     test = build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
                         train=False, distributed=ctx.distributed, drop_last=False)
     attacked = NormalizedLogits(model) if ecfg["attack_normalized_logits"] else model  # same predictions
-    counts = all_reduce_sum(clean_and_pgd_counts(attacked, test, pgd_config(ecfg["pgd"])).counts(), ctx)
+    pgd, stage = pgd_config(ecfg["pgd"]), f"{label}/{protocol}"
+    show = pgd_progress(stage, f"PGD-{pgd.steps} (test split)", len(test), ctx.is_main)
+    counts = all_reduce_sum(clean_and_pgd_counts(attacked, test, pgd, on_batch=show).counts(), ctx)
     result = {f"{protocol}_sa": counts["clean"] / counts["total"], f"{protocol}_ra": counts["robust"] / counts["total"],
               f"{protocol}_n_test": counts["total"]}
-    aa = ecfg["autoattack"]
-    if aa["enabled"]:
-        value = torch.zeros((), device=ctx.device)
-        if ctx.is_main:
-            x, y = first_test_examples(data, aa["n_examples"], per_rank, ctx)
-            t0 = time.time()
-            value += autoattack_accuracy(model, x, y, float(ecfg["pgd"]["eps"]), int(data["num_classes"]),
-                                         aa["version"])
-            print(f"[{label}/{protocol}] AutoAttack on {len(y)} test images: {value.item():.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-            result[f"{protocol}_aa_n"] = float(len(y))
-        result[f"{protocol}_aa"] = all_reduce_sum({"aa": value}, ctx)["aa"]
+    if ecfg["autoattack"]["enabled"]:
+        result.update(measure_autoattack(cfg, ctx, model, attacked, protocol, stage, per_rank))
+    if ecfg["curve"]["eps"]:
+        result.update(measure_curve(cfg, ctx, attacked, protocol, stage, per_rank))
     return result
+
+
+def curve_key(protocol: str, eps: float) -> str:
+    """The metric of the robustness curve at one radius: `<p>_curve_ra_at_<eps>`."""
+    return f"{protocol}_curve_ra_at_{eps:.6f}"
+
+
+def measure_curve(cfg: Mapping[str, Any], ctx: WorkerContext, attacked: nn.Module, protocol: str, stage: str,
+                  per_rank: int) -> dict[str, float]:
+    """PGD accuracy at each eval.curve.eps on the test split (sharded), step size 2.5 eps / steps."""
+    ccfg, data = cfg["eval"]["curve"], cfg["data"]
+    out: dict[str, float] = {}
+    for eps in ccfg["eps"]:
+        test = build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
+                            train=False, distributed=ctx.distributed, drop_last=False)
+        pgd = pgd_config(cfg["eval"]["pgd"], eps=float(eps), alpha=2.5 * float(eps) / ccfg["steps"],
+                         steps=int(ccfg["steps"]))
+        cap = None if ccfg["n_examples"] is None else -(-int(ccfg["n_examples"]) // ctx.world_size)
+        show = pgd_progress(stage, f"curve PGD-{pgd.steps} at eps {eps:.4g}", len(test), ctx.is_main)
+        counts = all_reduce_sum(clean_and_pgd_counts(attacked, test, pgd, max_examples=cap, on_batch=show).counts(),
+                                ctx)
+        out[curve_key(protocol, float(eps))] = counts["robust"] / counts["total"]
+    return out
+
+
+def measure_autoattack(cfg: Mapping[str, Any], ctx: WorkerContext, model: nn.Module, attacked: nn.Module,
+                       protocol: str, stage: str, per_rank: int) -> dict[str, float]:
+    """AutoAttack (pyautoattack) on rank 0's first test images, and SA / PGD RA on those same images:
+    `<p>_aa`, `<p>_aa_n`, `<p>_aa_sa`, `<p>_aa_ra`, `<p>_aa_after_<attack>`; every rank gets them."""
+    ecfg, aa = cfg["eval"], cfg["eval"]["autoattack"]
+    values: dict[str, float] = {}
+    if ctx.is_main:
+        x, y = first_test_examples(cfg["data"], aa["n_examples"], per_rank, ctx)
+        pgd = pgd_config(ecfg["pgd"])
+        same = clean_and_pgd_counts(attacked, zip(x.split(per_rank), y.split(per_rank)), pgd,
+                                    on_batch=pgd_progress(stage, f"PGD-{pgd.steps} (AutoAttack's images)",
+                                                          -(-len(y) // per_rank), True))
+        eps = float(aa["eps"] if aa["eps"] is not None else ecfg["pgd"]["eps"])
+        res = run_autoattack(model, x, y, eps=eps, num_classes=int(cfg["data"]["num_classes"]), norm=aa["norm"],
+                             version=aa["version"], seed=int(cfg["seed"]), batch_size=per_rank, label=stage)
+        print(f"[{stage}] AutoAttack ({aa['version']}, {aa['norm']}, eps {eps:.4g}) on {res.n} test images: "
+              f"{res.robust:.4f}; SA {same.clean / same.total:.4f}, PGD {same.robust / same.total:.4f} on the "
+              f"same images ({res.seconds:.0f}s)", flush=True)
+        values = {"aa": res.robust, "aa_n": res.n, "aa_sa": same.clean / same.total,
+                  "aa_ra": same.robust / same.total, **{after_key(a): v for a, v in res.after.items()}}
+    reduced = all_reduce_sum({k: values.get(k, 0.0) for k in result_keys(aa["version"])}, ctx)
+    return {f"{protocol}_{k}": v for k, v in reduced.items()}
 
 
 def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, protocol: str, label: str,

@@ -1,8 +1,8 @@
-"""Reporting attacks: the one clean + PGD counter (our engine) and AutoAttack (torchattacks)."""
+"""Reporting attacks: the one clean + PGD counter (our engine); AutoAttack is in autoattack.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,12 +32,14 @@ def as_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDConfig,
-                         max_examples: int | None = None, keep_adversarial: bool = False) -> RobustCounts:
+                         max_examples: int | None = None, keep_adversarial: bool = False,
+                         on_batch: Callable[[RobustCounts], None] | None = None) -> RobustCounts:
     """Count correct predictions of `model` (eval mode) on clean and PGD (CE) inputs.
 
     `batches`: loader batches or (x, y) pairs on the model's device. `max_examples` caps how many
     images are attacked; later batches are still read to the end (an FFCV epoch must finish).
-    `keep_adversarial`: also keep the adversarial images (on the CPU, in order).
+    `keep_adversarial`: also keep the adversarial images (on the CPU, in order). `on_batch` is
+    called with the counts so far after each attacked batch (progress lines).
     """
     out = RobustCounts()
     with network_mode([model], train=False):
@@ -56,20 +58,6 @@ def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDCo
             out.total += int(y.shape[0])
             if keep_adversarial:
                 out.adversarial.append(x_adv.cpu())
+            if on_batch is not None:
+                on_batch(out)
     return out
-
-
-def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,
-                        version: str = "standard", batch_size: int = 256, seed: int = 0) -> float:
-    """Robust accuracy under AutoAttack (APGD-CE, APGD-T, FAB-T, Square for 'standard')."""
-    import torchattacks
-
-    with network_mode([model], train=False):
-        attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version=version,
-                                         n_classes=num_classes, seed=seed)
-        correct = 0
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            x_adv = attack(xb, yb)
-            with torch.no_grad():
-                correct += (model(x_adv).argmax(1) == yb).sum().item()
-    return correct / max(1, y.shape[0])
