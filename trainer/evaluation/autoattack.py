@@ -20,6 +20,8 @@ from trainer.attacks import network_mode
 from trainer.progress import Progress
 
 AFTER = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
+INITIAL = re.compile(r"^initial accuracy: ([0-9.]+)%")
+RUNNING = re.compile(r"^running (\S+)$")
 BATCH = re.compile(r"^(\S+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed")
 LOGGER = "auto-attack"
 VERSION_ATTACKS = {  # pyautoattack's AutoAttack._set_version, in the order they run
@@ -55,10 +57,15 @@ class _LogReader(logging.Handler):
                  on_after: Callable[[str, float], None]) -> None:
         super().__init__(logging.DEBUG)
         self.n, self.on_batch, self.on_after, self.after = n, on_batch, on_after, {}
+        self.robust, self.started = n, time.time()  # robust points left; when the current attack began
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if m := AFTER.search(msg):
+        if m := INITIAL.search(msg):
+            self.robust = round(float(m.group(1)) / 100 * self.n)
+        elif RUNNING.search(msg):
+            self.started = time.time()
+        elif m := AFTER.search(msg):
             # the log prints 2 decimals of a percent: exact counts for up to 10,000 images
             accuracy = round(float(m.group(2)) / 100 * self.n) / self.n
             self.after[m.group(1).lower()] = accuracy
@@ -84,16 +91,12 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
                    label: str = "autoattack", show: bool = True) -> AutoAttackResult:
     """Robust accuracy of `model` (in eval mode) under AutoAttack on (x, y), with progress lines."""
     t0 = time.time()
-    robust = {"n": int(y.shape[0])}  # robust points left, updated from the log
-    attack_start = {"name": None, "t": t0}
 
     def on_batch(attack: str, batch: int, batches: int, fooled: int) -> None:
-        if attack_start["name"] != attack:
-            attack_start.update(name=attack, t=time.time())
-        robust["n"] -= fooled
+        reader.robust -= fooled
         if show:
-            Progress.items_line(label, f"AutoAttack {attack}", batch, batches, time.time() - attack_start["t"],
-                                {"robust_so_far": robust["n"] / max(1, len(y))}, unit="batches")
+            Progress.items_line(label, f"AutoAttack {attack}", batch, batches, time.time() - reader.started,
+                                {"robust_so_far": reader.robust / max(1, len(y))}, unit="batches")
 
     def on_after(attack: str, accuracy: float) -> None:
         if show:
