@@ -83,10 +83,13 @@ def test_evaluate_cli_table_json_csv(evaluated):
     assert float(rows[0]["AA_SA"]) == pytest.approx(100 * m["slf_aa_sa"])
     assert float(rows[0]["curve_RA_at_0.031400"]) == pytest.approx(100 * m["slf_curve_ra_at_0.031400"])
     assert (run / "robustness_curve.png").exists() and str(run / "robustness_curve.png") in results["figures"]
-    assert "AutoAttack after apgd-ce: robust" in evaluated["log"]
-    labelled = re.search(r"heads train on (\d+) labelled images \(label_fraction 0.5\)", evaluated["log"])
-    assert labelled and abs(int(labelled.group(1)) - 0.5 * 1437) <= 5, labelled  # 1,437 digits train images
-    assert "PGD-2 (test split) 1/2 batches images 256 robust_so_far" in evaluated["log"]
+    log = evaluated["log"]
+    assert "] AutoAttack (standard, Linf, eps 0.06275) on 4 test images: " in log, log[-3000:]
+    assert "] PGD-2 (AutoAttack's images) 1/1 batches images 4 robust_so_far" in log, log[-3000:]
+    labelled = re.search(r"heads train on (\d+) labelled images \(label_fraction 0.5\)", log)
+    # half of each class of the 1,293 training images (digits holds 10% of its 1,437 out for validation)
+    assert labelled and abs(int(labelled.group(1)) - 0.5 * 1293) <= 5, labelled
+    assert "] PGD-2 (test split) 1/2 batches images 256 robust_so_far" in log, log[-3000:]
     with open(run / "results_paper.csv") as f:
         wide = list(csv.DictReader(f))
     assert len(wide) == 1 and wide[0]["model"] == "teacher"
