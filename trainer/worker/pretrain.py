@@ -20,7 +20,7 @@ from trainer.methods import build_method
 from trainer.models import Encoder
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import Progress
-from trainer.worker import outcome
+import trainer.worker.outcome as outcome
 from trainer.worker.context import ddp_wrapper, new_checkpoint_dir, setup_worker
 from trainer.worker.hooks import EpochHook, default_hooks
 from trainer.worker.state import TrainState
