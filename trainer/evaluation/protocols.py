@@ -196,6 +196,12 @@ def first_test_examples(data: Mapping[str, Any], n: int | None, batch: int,
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def sharded_test_loader(data: Mapping[str, Any], ctx: WorkerContext, per_rank: int):
+    """The whole test split, in order, this rank's shard (every image once: no drop_last)."""
+    return build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
+                        train=False, distributed=ctx.distributed, drop_last=False)
+
+
 def pgd_progress(stage: str, what: str, total_batches: int,
                  enabled: bool) -> Callable[[RobustCounts], None] | None:
     """A progress line per attacked batch (rank 0): images done, robust accuracy so far, ETA."""
@@ -215,8 +221,7 @@ def measure_robustness(cfg: Mapping[str, Any], ctx: WorkerContext, model: Classi
     """SA and PGD RA on the whole test split (sharded), AutoAttack on rank 0's subset."""
     ecfg, data = cfg["eval"], cfg["data"]
     per_rank = int(ecfg["linear"]["batch_size"]) // ctx.world_size
-    test = build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
-                        train=False, distributed=ctx.distributed, drop_last=False)
+    test = sharded_test_loader(data, ctx, per_rank)
     attacked = NormalizedLogits(model) if ecfg["attack_normalized_logits"] else model  # same predictions
     pgd, stage = pgd_config(ecfg["pgd"]), f"{label}/{protocol}"
     show = pgd_progress(stage, f"PGD-{pgd.steps} (test split)", len(test), ctx.is_main)
@@ -241,8 +246,7 @@ def measure_curve(cfg: Mapping[str, Any], ctx: WorkerContext, attacked: nn.Modul
     ccfg, data = cfg["eval"]["curve"], cfg["data"]
     out: dict[str, float] = {}
     for eps in ccfg["eps"]:
-        test = build_loader(str(beton_path(data, "test")), "eval", per_rank, ctx.device, ctx.num_threads,
-                            train=False, distributed=ctx.distributed, drop_last=False)
+        test = sharded_test_loader(data, ctx, per_rank)
         pgd = pgd_config(cfg["eval"]["pgd"], eps=float(eps), alpha=2.5 * float(eps) / ccfg["steps"],
                          steps=int(ccfg["steps"]))
         cap = None if ccfg["n_examples"] is None else -(-int(ccfg["n_examples"]) // ctx.world_size)
