@@ -2,8 +2,9 @@
 in this folder), the typed schema every key is validated against (`conf.schema`), composition
 (`compose`), cross-field rules (`conf.rules`) and the command-line helper of every entry point
 (`conf.cli`). See docs/config.md."""
-from conf.compose import CONF_DIR, compose, compose_raw, config_hash, default_run_name, validate
+from conf.compose import (CONF_DIR, compose, compose_raw, config_hash, default_run_name, legacy_config_hash,
+                          validate)
 from conf.errors import ConfigError, invalid
 
 __all__ = ["CONF_DIR", "ConfigError", "compose", "compose_raw", "config_hash", "default_run_name", "invalid",
-           "validate"]
+           "legacy_config_hash", "validate"]

@@ -177,11 +177,39 @@ def _absolute_paths(cfg: dict[str, Any]) -> None:
         cfg["checkpoint"] = _absolute(cfg["checkpoint"])
 
 
-def config_hash(cfg: Mapping[str, Any]) -> str:
-    """Hash of everything that changes the result (not the cluster shape or output location)."""
-    keep = {k: v for k, v in cfg.items() if k not in NOT_IN_HASH}
+def _under_output_dir(value: Any, out: str) -> Any:
+    """`value` with every path inside `out` written as `${output_dir}/...` (nested dicts and lists too)."""
+    if isinstance(value, dict):
+        return {k: _under_output_dir(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_under_output_dir(v, out) for v in value]
+    if isinstance(value, str) and out and (value == out or value.startswith(out.rstrip("/") + "/")):
+        return "${output_dir}" + value[len(out.rstrip("/")):]
+    return value
+
+
+def _hash(keep: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """Hash of everything that changes the result: not the cluster shape, not the output location,
+    nor any path derived from it (data.beton_dir's default), so a moved outputs folder is the same run."""
+    out = str(cfg.get("output_dir") or "")
+    return _hash({k: _under_output_dir(v, out) for k, v in cfg.items() if k not in NOT_IN_HASH})
+
+
+def legacy_config_hash(cfg: Mapping[str, Any]) -> str:
+    """The hash runs made before 2026-12 carry: it included paths under output_dir as they were."""
+    return _hash({k: v for k, v in cfg.items() if k not in NOT_IN_HASH})
+
+
 def default_run_name(cfg: Mapping[str, Any]) -> str:
-    return f"{cfg['method']['name']}-{cfg['data']['name']}-{config_hash(cfg)}"
+    """`<method>-<data>-<config hash>`; an older run of this config under its legacy name keeps that name
+    (so it resumes and is reused instead of being trained again)."""
+    prefix = f"{cfg['method']['name']}-{cfg['data']['name']}-"
+    name, legacy = prefix + config_hash(cfg), prefix + legacy_config_hash(cfg)
+    out = Path(str(cfg.get("output_dir") or "."))
+    if not (out / name).exists() and (out / legacy / "run.json").exists():
+        return legacy
+    return name

@@ -80,6 +80,59 @@ def test_run_folder_refuses_a_different_config(tmp_path):
         claim_run_dir(b, out)
 
 
+def _run_name_at(out: Path) -> str:
+    from conf import compose
+
+    return compose(["method=simclr", f"output_dir={out}"])["run_name"]  # data.beton_dir: ${output_dir}/data
+
+
+def test_moved_outputs_folder_keeps_its_run_name(tmp_path):
+    """data.beton_dir derives from output_dir: it must not enter the run's identity."""
+    assert _run_name_at(tmp_path / "a") == _run_name_at(tmp_path / "elsewhere" / "b")
+
+
+def test_run_made_under_the_legacy_hash_keeps_its_name_and_checkpoints(tmp_path):
+    from conf import compose, config_hash, legacy_config_hash
+    from trainer.recipes import claim_run_dir, identity_hash, run_dir
+
+    out = tmp_path / "out"
+    cfg = compose(["method=simclr", f"output_dir={out}"])
+    assert legacy_config_hash(cfg) != config_hash(cfg)
+    legacy_name = cfg["run_name"].rsplit("-", 1)[0] + "-" + legacy_config_hash(cfg)
+    (out / legacy_name).mkdir(parents=True)
+    (out / legacy_name / "run.json").write_text(json.dumps({"config_hash": legacy_config_hash(cfg)}))
+    old = compose(["method=simclr", f"output_dir={out}"])
+    assert old["run_name"] == legacy_name
+    claim_run_dir(old, run_dir(old))  # its run.json is accepted
+    assert identity_hash(old) == legacy_config_hash(cfg)  # its checkpoints' identity still matches
+    assert identity_hash(cfg) == config_hash(cfg)
+
+
+def test_stage_record_survives_a_moved_outputs_folder(tmp_path):
+    import shutil
+
+    from trainer.recipes import STAGE_FILE, finished_stage, stage_record
+
+    out = tmp_path / "out"
+    stage_dir = out / "run" / "student"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "model.pt").write_bytes(b"weights")
+    info = {"model_path": str(stage_dir / "model.pt"), "ray_path": str(out / "ray_results" / "run-student"),
+            "evaluated": str(out / "run" / "teacher" / "model.pt"), "metrics": {}}
+    record = stage_record(info, stage_dir, str(out))
+    assert not any(Path(record[k]).is_absolute() for k in ("model_path", "ray_path", "evaluated"))
+    (stage_dir / STAGE_FILE).write_text(json.dumps(record))
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    got = finished_stage(moved / "run" / "student")
+    assert got["model_path"] == str(moved / "run" / "student" / "model.pt")
+    assert got["ray_path"] == str(moved / "ray_results" / "run-student")
+    assert got["evaluated"] == str(moved / "run" / "teacher" / "model.pt")
+    legacy = moved / "run" / "student" / STAGE_FILE  # an old record: absolute paths into the old place
+    legacy.write_text(json.dumps(info))
+    assert finished_stage(moved / "run" / "student")["model_path"] == str(moved / "run" / "student" / "model.pt")
+
+
 def test_checkpoint_identity_mismatch_message(tmp_path):
     from trainer.worker.state import identity_mismatch
 

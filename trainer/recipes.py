@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from conf import ConfigError, config_hash, invalid
+from conf import ConfigError, config_hash, invalid, legacy_config_hash
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer.checkpoint import MODEL_FILE
@@ -32,6 +32,7 @@ from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
 
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
+STAGE_PATHS = ("model_path", "evaluated", "ray_path")  # stored relative to the stage folder
 
 
 @dataclass
@@ -84,15 +85,45 @@ def stage_payload(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, 
         return {"name": stage.name, "model_path": artifacts[stage.needs[0]],
                 "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
     kwargs = {"teacher_path": artifacts["teacher"]} if stage.method["name"] == "deacl" else {}
-    identity = {"config_hash": config_hash(cfg), "run_name": cfg["run_name"], "recipe": resolve_recipe(cfg),
+    identity = {"config_hash": identity_hash(cfg), "run_name": cfg["run_name"], "recipe": resolve_recipe(cfg),
                 "stage": stage.name, "method": stage.method["name"]}
     return {"name": stage.name, "method": stage.method, "method_kwargs": kwargs, "identity": identity}
 
 
+def identity_hash(cfg: Mapping[str, Any]) -> str:
+    """The config hash this run's folder and checkpoints carry: today's, or the legacy one for a run
+    started before paths under output_dir left the hash (so that run's checkpoints still resume)."""
+    marker = run_dir(cfg) / RUN_FILE
+    recorded = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
+    return recorded if recorded == legacy_config_hash(cfg) else config_hash(cfg)
+
+
 def finished_stage(stage_dir: Path) -> dict[str, Any] | None:
-    """The record of a finished stage in `stage_dir` (None: not finished)."""
+    """The record of a finished stage in `stage_dir` (None: not finished). Its model path is stored
+    relative to `stage_dir`, so a moved or copied outputs folder reuses its own files; a legacy absolute
+    path that no longer exists falls back to the file of that name in `stage_dir`."""
     done = stage_dir / STAGE_FILE
-    return json.loads(done.read_text()) if done.exists() else None
+    if not done.exists():
+        return None
+    info = json.loads(done.read_text())
+    for key in STAGE_PATHS:
+        if info.get(key):
+            path = Path(info[key])
+            if key == "model_path" and path.is_absolute() and not path.exists():
+                path = Path(path.name)  # a legacy record of a folder that has moved since
+            info[key] = str(path) if path.is_absolute() else os.path.normpath(stage_dir / path)
+    return info
+
+
+def stage_record(info: Mapping[str, Any], stage_dir: Path, output_dir: str) -> dict[str, Any]:
+    """`info` as stage.json stores it: paths inside output_dir relative to `stage_dir`."""
+    out = Path(output_dir).absolute()
+    stored = dict(info)
+    for key in STAGE_PATHS:
+        path = Path(str(info.get(key) or "")).absolute()
+        if info.get(key) and (path == out or out in path.parents):
+            stored[key] = os.path.relpath(path, stage_dir.absolute())
+    return stored
 
 
 def _copy_checkpoint(result: Any, dest: Path) -> None:
@@ -129,7 +160,7 @@ def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str]
         info["evaluated"] = artifacts[stage.needs[0]]
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / (STAGE_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.write_text(json.dumps(stage_record(info, stage_dir, cfg["output_dir"]), indent=2, default=str))
     os.replace(tmp, stage_dir / STAGE_FILE)
     log(f"[recipe] stage {stage.name} done in {time.time() - t0:.0f}s")
     return info
@@ -158,7 +189,7 @@ def claim_run_dir(cfg: Mapping[str, Any], out: Path) -> None:
     h = config_hash(cfg)
     marker = out / RUN_FILE
     previous = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
-    if previous is not None and previous != h:
+    if previous is not None and previous not in (h, legacy_config_hash(cfg)):
         raise RunMismatchError(
             f"run folder {out} belongs to a run with config hash {previous}, but this config hashes to {h} "
             f"(run_name={cfg['run_name']!r}). Resuming it would mix two experiments. Leave run_name unset "
