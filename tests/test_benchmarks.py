@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.step_throughput import RefLARS, RefTorchLARS, ref_multi_positive, ref_nt_xent, ref_pgd
+from benchmarks.reference_steps import (AclLARS, TorchLARS, acl_attack, acl_nt_xent, deacl_attack, interleave,
+                                       rocl_attack, rocl_nt_xent, rocl_similarity)
 from trainer.attacks import PGDConfig, pgd_attack
 from trainer.losses import multi_positive_nt_xent, nt_xent
 from trainer.optim import LARS
@@ -25,12 +26,23 @@ def _run(args: list[str], timeout: int) -> str:
 
 
 def test_reference_losses_match_the_project():
+    """ACL's interleaved nt_xent and RoCL's pairwise_similarity + NT_xent (2 and 3 views; the 3-view
+    sum is twice the mean over positives) equal the project's NT-Xent, values and gradients."""
     g = torch.Generator().manual_seed(0)
-    z = [torch.randn(6, 5, generator=g) for _ in range(3)]
-    assert torch.allclose(ref_nt_xent(z[0], z[1], 0.5), nt_xent(z[0], z[1], 0.5, gather=False), atol=1e-6)
+    z = [torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, z[:2], allow_unused=True)
+
+    ours, ref = nt_xent(z[0], z[1], 0.5, gather=False), acl_nt_xent(interleave(z[0], z[1]), 0.5)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads(ours), grads(ref)))
     for detach in (True, False):
-        assert torch.allclose(ref_multi_positive(z, 0.5, detach),
-                              multi_positive_nt_xent(z, 0.5, gather=False, detach_right=detach), atol=1e-6)
+        for n in (2, 3):
+            ours = multi_positive_nt_xent(z[:n], 0.5, gather=False, detach_right=detach) * (n - 1)
+            ref = rocl_nt_xent(rocl_similarity(torch.cat(z[:n]), 0.5, detach), n)
+            assert torch.allclose(ours, ref, atol=1e-6), (detach, n)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(ours), grads(ref))), (detach, n)
 
 
 @pytest.mark.parametrize("kind", ["acl", "torchlars"])
@@ -45,7 +57,7 @@ def test_reference_lars_matches_the_project(kind):
     project = {"acl": dict(eps=0.0, lr_in_momentum=True, zero_threshold=1e-15), "torchlars": {}}[kind]
     out = []
     for make in (lambda ps: LARS(ps, lr=0.5, momentum=0.9, weight_decay=1e-4, **project),
-                 lambda ps: (RefLARS if kind == "acl" else RefTorchLARS)(ps, lr=0.5, momentum=0.9, weight_decay=1e-4)):
+                 lambda ps: (AclLARS if kind == "acl" else TorchLARS)(ps, lr=0.5, momentum=0.9, weight_decay=1e-4)):
         ps = [torch.nn.Parameter(p.clone()) for p in params]
         opt = make(ps)
         for step, gs in enumerate(grads):
@@ -59,21 +71,27 @@ def test_reference_lars_matches_the_project(kind):
     assert not torch.allclose(out[0][0], params[0])
 
 
-def test_reference_pgd_matches_the_project_start():
-    """ref_pgd (ACL's / DeACL's unclipped start, RoCL's clipped one) equals the engine with clamp_start."""
+def test_reference_attacks_match_the_project():
+    """DeACL's and ACL's attacks (unclipped start) and RoCL's (start clipped to [0, 1]) reach the
+    engine's x_adv from the same random draw; pixels at 0 and 1 exercise the box."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
     x = torch.rand(5, 3, 2, 2, dtype=torch.float64)
     x[:, 0] = 0.0
     x[:, 1] = 1.0
-    y = torch.tensor([0, 1, 2, 0, 1])
-    objective = lambda xa: torch.nn.functional.cross_entropy(model(xa), y, reduction="none")  # noqa: E731
-    for clamp in (False, True):
-        cfg = PGDConfig(eps=8 / 255, alpha=2 / 255, steps=3, clamp_start=clamp)
+    target = torch.randn(5, 3, dtype=torch.float64)
+    cos = lambda xa: -torch.nn.functional.cosine_similarity(model(xa), target, dim=1)  # noqa: E731
+    eps, alpha, steps = 8 / 255, 2 / 255, 3
+    refs = {"deacl": (False, lambda: deacl_attack(model, x, target, eps, alpha, steps)),
+            "acl": (False, lambda: acl_attack(model, lambda xa: cos(xa).sum(), x, eps, alpha, steps)),
+            "rocl": (True, lambda: rocl_attack(lambda xa: cos(xa).sum(), x, eps, alpha, steps))}
+    for name, (clamp, ref_fn) in refs.items():
         torch.manual_seed(3)
-        ours = pgd_attack(x, objective, cfg)
+        ours = pgd_attack(x, cos, PGDConfig(eps=eps, alpha=alpha, steps=steps, clamp_start=clamp))
         torch.manual_seed(3)
-        ref = ref_pgd(model, x, objective, cfg, clamp_start=clamp)
-        assert torch.allclose(ours, ref, atol=1e-12, rtol=0), clamp
+        ref = ref_fn()
+        assert torch.allclose(ours, ref, atol=1e-12, rtol=0), name
+        assert (ours - x).abs().max() > alpha, name  # the attack moved
+    assert all(p.grad is None for p in model.parameters())  # ACL's model.zero_grad() at the end
 
 
 def test_step_throughput_script_runs(tmp_path):
