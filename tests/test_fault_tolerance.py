@@ -293,7 +293,9 @@ def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-5000:]
     assert f"[train] resumed after epoch {done}" in log, log[-5000:]
-    info = json.loads((run / "train" / "stage.json").read_text())
+    from trainer.recipes import finished_stage
+
+    info = finished_stage(run / "train")  # stage.json's paths are relative to the stage folder
     assert info["metrics"]["epoch"] == epochs
     last = max((p for p in Path(info["ray_path"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
     state = torch.load(last / STATE_FILE, weights_only=True)
