@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks.mfu import conv_rate, count_flops, gemm_peak, peak_memory_mib, reset_peak_memory, sync, time_breakdown  # noqa: E402
 from benchmarks.reference_steps import ACLDSStep, DeACLStep, RoCLStep  # noqa: E402
 
 from trainer.checkpoint import save_model  # noqa: E402
@@ -60,7 +61,12 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deacl": ("deacl", "pgd5_linf", {}),
     "acl_ds": ("acl", "pgd5_linf", {"variant": "ds"}),
     "rocl": ("rocl", "rocl_pgd7", {}),
+    # --mfu only (no reference step): standard SSL and supervised TRADES
+    "simclr": ("simclr", "pgd5_linf", {}),
+    "trades": ("supervised", "pgd5_linf", {"loss": "trades"}),
 }
+REFERENCED = ("deacl", "acl_ds", "rocl")
+MFU_METHODS = ("simclr", "deacl", "acl_ds", "rocl", "trades")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -85,8 +91,9 @@ def make_cfg(args: argparse.Namespace, method_name: str, attack: str, overrides:
     return cfg
 
 
-def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: str):
-    """(project step, reference step, number of views) for one method, same initial weights."""
+def build_project(name: str, args: argparse.Namespace, device: torch.device, tmp: str):
+    """(method, composed config, project step on a list of views, number of views): exactly what a
+    worker runs per batch. The labels (TRADES) are fixed random classes."""
     method_name, attack_name, overrides = METHODS[name]
     cfg = make_cfg(args, method_name, attack_name, overrides)
     mcfg = cfg["method"]
@@ -97,33 +104,41 @@ def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: 
         kwargs["teacher_path"] = os.path.join(tmp, "teacher.pt")
         save_model(kwargs["teacher_path"], teacher, cfg["model"], "cifar10")
     method = build_method(cfg, mcfg, device, **kwargs)
-    # the reference's copies, taken before any layout change or compilation: plain fp32 NCHW
-    init = copy.deepcopy(method.encoder)
-    ref_teacher = copy.deepcopy(method.teacher) if method_name == "deacl" else None
+    labels = torch.randint(0, int(cfg["data"]["num_classes"]), (args.batch,)).to(device)
+    return method, cfg, labels
+
+
+def project_step(method, cfg: dict[str, Any], labels: torch.Tensor, device: torch.device):
+    """prepare_method (layout, compile) + TrainStep, as a function of the views."""
     prepare_method(method, cfg, device)
-    step = TrainStep(method, build_optimizer(method.encoder.parameters(), mcfg["train"]), None, cfg, device)
+    step = TrainStep(method, build_optimizer(method.encoder.parameters(), cfg["method"]["train"]), None, cfg, device)
     method.train()
 
-    def project(views: list[torch.Tensor]) -> None:
-        step({"views": list(views), "label": None})
+    def project(views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return step({"views": list(views), "label": labels})
 
+    return project, {"weak": 1, "two_view": 2, "three_view": 3}[method.views]
+
+
+def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: str):
+    """(project step, reference step, number of views) for one method, same initial weights."""
     from trainer.optim import scaled_lr
 
+    method, cfg, labels = build_project(name, args, device, tmp)
+    mcfg = cfg["method"]
+    # the reference's copies, taken before any layout change or compilation: plain fp32 NCHW
+    init = copy.deepcopy(method.encoder)
+    ref_teacher = copy.deepcopy(method.teacher) if name == "deacl" else None
+    project, n_views = project_step(method, cfg, labels, device)
     attack = {"eps": method.attack.eps, "alpha": method.attack.alpha, "steps": method.attack.steps}
     lr = scaled_lr(mcfg["train"])
-    if method_name == "deacl":
+    if name == "deacl":
         reference = DeACLStep(init, ref_teacher, mcfg, attack, lr)
-    elif method_name == "acl":
+    elif name == "acl_ds":
         reference = ACLDSStep(init, mcfg, attack, lr)
     else:
         reference = RoCLStep(init, mcfg, attack, lr)
-    n_views = {"weak": 1, "two_view": 2, "three_view": 3}[method.views]
     return project, reference, n_views
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[list[torch.Tensor]], None], batches: list[list[torch.Tensor]], steps: int,
@@ -153,7 +168,8 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def setup(args: argparse.Namespace) -> tuple[torch.device, dict[str, Any]]:
+    """Threads, device, cudnn autotune; prints and returns the machine line."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,6 +183,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"# width {args.width or 'model default'} ({args.model}), batch {args.batch}, {args.res}x{args.res}, "
           f"precision {args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
           f"freeze params in attack {args.freeze}; {args.rounds} rounds x {args.steps} steps", flush=True)
+    return device, info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.mfu:
+        return run_mfu(args)
+    device, info = setup(args)
     results: dict[str, Any] = {"machine": info, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
@@ -207,12 +230,92 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def step_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """The dtype the step's matmuls run in: bf16 under autocast (auto on CUDA, or asked), else fp32."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def step_views(args: argparse.Namespace, n_views: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(args.batch, 3, args.res, args.res, generator=g).to(device) for _ in range(n_views)]
+
+
+def mfu_flops(name: str, args: argparse.Namespace, device: torch.device, tmp: str) -> int:
+    """FLOPs of one project step, counted on an eager build (compiled code hides ops from the counter)."""
+    method, cfg, labels = build_project(name, argparse.Namespace(**{**vars(args), "compile": False}), device, tmp)
+    step, n_views = project_step(method, cfg, labels, device)
+    views = step_views(args, n_views, device)
+    return count_flops(lambda: step(views))
+
+
+def timed_step(name: str, args: argparse.Namespace, device: torch.device, tmp: str, flops: int,
+               peak: float) -> dict[str, Any]:
+    """img/s, FLOP/s, MFU against `peak` and peak memory of the project step (median of the rounds)."""
+    method, cfg, labels = build_project(name, args, device, tmp)
+    step, n_views = project_step(method, cfg, labels, device)
+    views = step_views(args, n_views, device)
+    reset_peak_memory(device)
+    timed(step, [views], max(args.warmup, 1), device)  # warm-up (and compilation)
+    sec = statistics.median(timed(step, [views], args.steps, device)[0] / args.steps for _ in range(args.rounds))
+    row = {"flops_per_step": flops, "step_s": sec, "img_s": args.batch / sec, "flop_s": flops / sec,
+           "peak_flop_s": peak, "mfu": flops / sec / peak, "peak_memory_mib": peak_memory_mib(device),
+           "attack_steps": int(getattr(getattr(method, "attack", None), "steps", 0) or 0)}
+    if args.profile:
+        row["profile"] = time_breakdown(lambda: step(views), device)
+    return row
+
+
+def mfu_one(name: str, args: argparse.Namespace, device: torch.device, tmp: str, peak: float) -> dict[str, Any]:
+    return timed_step(name, args, device, tmp, mfu_flops(name, args, device, tmp), peak)
+
+
+def run_mfu(args: argparse.Namespace) -> dict[str, Any]:
+    """--mfu: each step's FLOPs, achieved FLOP/s against the GEMM peak measured in this process."""
+    device, info = setup(args)
+    dtype = step_dtype(args, device)
+    peak, conv = gemm_peak(device, dtype), conv_rate(device, dtype)
+    print(f"# {dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s, 3x3 convolution (256 ch, 16x16) {conv / 1e9:.1f} "
+          f"GFLOP/s (measured now)", flush=True)
+    results: dict[str, Any] = {"machine": info, "dtype": str(dtype), "gemm_peak_flop_s": peak,
+                               "conv3x3_flop_s": conv, "methods": {}}
+    mem = "GPU max allocated" if device.type == "cuda" else "process max RSS"
+    print(f"{'method':8s} {'GFLOP/step':>10s} {'s/step':>7s} {'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>5s} "
+          f"{mem + ' (MiB)':>24s}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.methods:
+            row = mfu_one(name, args, device, tmp, peak)
+            results["methods"][name] = row
+            print(f"{name:8s} {row['flops_per_step'] / 1e9:10.1f} {row['step_s']:7.3f} {row['img_s']:8.1f} "
+                  f"{row['flop_s'] / 1e9:8.1f} {row['mfu']:5.2f} {row['peak_memory_mib']:24.0f}", flush=True)
+            if "profile" in row:
+                p = row["profile"]
+                print(f"#   time: dense ops {p['dense_share']:.0%}, other ops {p['other_ops_share']:.0%}, "
+                      f"outside ops {p['outside_ops_share']:.0%}; top: "
+                      + ", ".join(f"{k} {v:.2f}s" for k, v in p["top_ops"][:5]), flush=True)
+    results["gemm_peak_end_flop_s"] = gemm_peak(device, dtype)
+    info["loadavg_end"] = list(os.getloadavg())
+    print(f"# GEMM peak at end {results['gemm_peak_end_flop_s'] / 1e9:.1f} GFLOP/s; load avg at end "
+          f"{' '.join(f'{v:.2f}' for v in info['loadavg_end'])}", flush=True)
+    for name, row in results["methods"].items():
+        print(f"mfu {name} {row['mfu']:.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--mfu", action="store_true",
+                   help="model FLOP utilisation of the project's steps (no reference), against a GEMM peak")
+    p.add_argument("--profile", action="store_true", help="--mfu: where one step's time goes (torch.profiler)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"default: {' '.join(REFERENCED)}; with --mfu {' '.join(MFU_METHODS)} "
+                        "(simclr and trades have no reference step)")
     p.add_argument("--model", default="resnet18", help="conf/model/<name>.yaml")
-    p.add_argument("--width", type=int, default=16, help="ResNet base width (64 = the papers'; 0: the yaml's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="ResNet base width (64 = the papers'; 0: the yaml's); default 16, with --mfu the yaml's")
     p.add_argument("--proj-hidden-dim", type=int, default=0, help="projector hidden width (0: the yaml's)")
     p.add_argument("--batch", type=int, default=128, help="images per step (per device)")
     p.add_argument("--res", type=int, default=32)
@@ -229,7 +332,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="project side: freeze_params_in_attack, auto (with --compile) | true | false")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--json", default="", help="write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(MFU_METHODS if args.mfu else REFERENCED)
+    elif not args.mfu and set(args.methods) - set(REFERENCED):
+        p.error(f"--methods {' '.join(sorted(set(args.methods) - set(REFERENCED)))}: no reference step; "
+                f"allowed without --mfu: {' '.join(REFERENCED)}")
+    if args.width is None:
+        args.width = 0 if args.mfu else 16
+    return args
 
 
 if __name__ == "__main__":

@@ -109,6 +109,59 @@ def test_step_throughput_script_runs(tmp_path):
     assert res["machine"]["loadavg_start"] and res["machine"]["cpu"]
 
 
+def test_step_throughput_mfu_runs(tmp_path):
+    """--mfu on a tiny model: every step's FLOPs, the GEMM peak, MFU and memory, and the last lines."""
+    out = tmp_path / "mfu.json"
+    stdout = _run(["benchmarks/step_throughput.py", "--mfu", "--profile", "--width", "4", "--proj-hidden-dim", "32",
+                   "--batch", "4", "--res", "16", "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                   "--device", "cpu", "--json", str(out)], timeout=600)
+    res = json.loads(out.read_text())
+    assert list(res["methods"]) == ["simclr", "deacl", "acl_ds", "rocl", "trades"]
+    tail = [ln for ln in stdout.splitlines() if ln.startswith("mfu ")]
+    assert [ln.split()[1] for ln in tail] == list(res["methods"])
+    assert stdout.rstrip().splitlines()[-len(tail):] == tail
+    for name, row in res["methods"].items():
+        assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_mib"] > 0
+        assert abs(row["mfu"] - row["flop_s"] / res["gemm_peak_flop_s"]) < 1e-9
+        assert f"mfu {name} {row['mfu']:.2f}" in tail
+        assert 0 < row["profile"]["dense_share"] < 1
+    # the attack's passes are counted: DeACL's 5-step PGD costs more than SimCLR's two plain views
+    assert res["methods"]["deacl"]["flops_per_step"] > res["methods"]["simclr"]["flops_per_step"]
+
+
+def test_flop_count_of_a_known_step():
+    """count_flops counts a linear layer's forward and its backward (input and weight gradients)."""
+    from benchmarks.mfu import count_flops
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(16, 64, requires_grad=True)
+    assert count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 16 * 64 * 32
+    # an input gradient alone (PGD's autograd.grad) is one matmul more than the forward
+    assert count_flops(lambda: torch.autograd.grad(lin(x).sum(), x)) == 2 * 2 * 16 * 64 * 32
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU check's whole path on CPU (tests, steps, bf16 vs fp32, JSON)."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["dry_run"] and res["cuda_tests"]["ran"] and res["cuda_tests"]["rc"] == 0
+    assert set(res["bf16_vs_fp32"]) == {"deacl", "acl_ds", "rocl"}
+    for row in res["bf16_vs_fp32"].values():
+        assert row["clean"]["loss_rel_diff"] < 0.05 and -1 <= row["clean"]["grad_cosine"] <= 1
+    eager = [k for k in res["steps"] if k.endswith("_eager")]
+    assert sorted(eager) == ["bf16_channels_last_eager", "bf16_nchw_eager", "fp32_channels_last_eager", "fp32_nchw_eager"]
+    for key in eager:
+        for row in res["steps"][key].values():
+            assert row["img_s"] > 0 and row["mfu"] > 0 and row["peak_memory_mib"] > 0
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--fast"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option '--fast'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_pipeline_efficiency_script_runs(tmp_path):
     out = tmp_path / "pipe.json"
