@@ -93,9 +93,14 @@ def stage_payload(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, 
 def identity_hash(cfg: Mapping[str, Any]) -> str:
     """The config hash this run's folder and checkpoints carry: today's, or the legacy one for a run
     started before paths under output_dir left the hash (so that run's checkpoints still resume)."""
-    marker = run_dir(cfg) / RUN_FILE
-    recorded = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
+    recorded = recorded_hash(run_dir(cfg))
     return recorded if recorded == legacy_config_hash(cfg) else config_hash(cfg)
+
+
+def recorded_hash(out: Path) -> str | None:
+    """The config hash the run folder `out` records in its run.json (None: no run there yet)."""
+    marker = out / RUN_FILE
+    return json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
 
 
 def finished_stage(stage_dir: Path) -> dict[str, Any] | None:
@@ -188,7 +193,7 @@ def claim_run_dir(cfg: Mapping[str, Any], out: Path) -> None:
     """Record the config hash in the run folder; refuse a run folder made by another config."""
     h = config_hash(cfg)
     marker = out / RUN_FILE
-    previous = json.loads(marker.read_text()).get("config_hash") if marker.exists() else None
+    previous = recorded_hash(out)
     if previous is not None and previous not in (h, legacy_config_hash(cfg)):
         raise RunMismatchError(
             f"run folder {out} belongs to a run with config hash {previous}, but this config hashes to {h} "
