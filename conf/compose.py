@@ -64,6 +64,10 @@ def register_schema_defaults() -> None:
     cs.store(name="_schema", node=root)
     for name, model in schema.METHOD_SCHEMAS.items():
         cs.store(group="method", name=f"_schema_{name}", node={**defaults_tree(model), "name": name})
+    # data options start from every Data key, so `+data@eval.data=<option>` can be followed by eval.data.<key>=...
+    # (beton_dir: the root's data node has it; eval.data's stays null, i.e. beside data's files)
+    cs.store(group="data", name="_schema",
+             node={k: v for k, v in defaults_tree(schema.Data).items() if k not in ("name", "beton_dir")})
     for group, model in _OPTIONAL_SECTIONS.items():
         cs.store(group=group, name="_schema", node=defaults_tree(model))
     _registered = True
@@ -175,6 +179,25 @@ def _absolute_paths(cfg: dict[str, Any]) -> None:
         cfg["teacher"]["checkpoint"] = _absolute(cfg["teacher"]["checkpoint"])
     if cfg["checkpoint"]:
         cfg["checkpoint"] = _absolute(cfg["checkpoint"])
+    _eval_paths(cfg)
+
+
+def _eval_paths(cfg: dict[str, Any]) -> None:
+    """eval.data at the encoder's input size (DeACL's adv_finetune.py: Resize(32)) with its betons beside
+    data's by default; eval's files as absolute paths (Ray workers chdir)."""
+    ecfg, data = cfg["eval"], cfg["data"]
+    if ecfg["data"] is not None:
+        ed = ecfg["data"]
+        ed["resolution"] = data["resolution"]
+        ed["augment"]["crop_padding"] = data["augment"]["crop_padding"]  # the weak view's pad at that size
+        ed["beton_dir"] = _absolute(ed["beton_dir"]) if ed["beton_dir"] else data["beton_dir"]
+        if ed["root"]:
+            ed["root"] = _absolute(ed["root"])
+    if ecfg["corruptions"]["root"]:
+        ecfg["corruptions"]["root"] = _absolute(ecfg["corruptions"]["root"])
+    surrogate = ecfg["blackbox"]["surrogate"]
+    if surrogate and surrogate != "teacher":
+        ecfg["blackbox"]["surrogate"] = _absolute(surrogate)
 
 
 def _under_output_dir(value: Any, out: str) -> Any:

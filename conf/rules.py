@@ -22,6 +22,9 @@ def check_rules(cfg: Mapping[str, Any]) -> None:
     if lin_bs % world:
         raise invalid("eval.linear.batch_size", lin_bs, f"must be divisible by cluster.num_workers={world}")
     _check_data(cfg["data"])
+    if cfg["eval"]["data"] is not None:
+        _check_data(cfg["eval"]["data"], "eval.data")
+    _check_eval_inputs(cfg)
     _check_monitor(cfg)
     _check_autoattack(cfg["eval"]["autoattack"])
     _check_recipe(cfg)
@@ -47,22 +50,22 @@ def _check_train(prefix: str, method: Mapping[str, Any], world: int) -> None:
                       "allowed: [normal, pgd], two numbers >= 0, not both 0")
 
 
-def _check_data(data: Mapping[str, Any]) -> None:
+def _check_data(data: Mapping[str, Any], prefix: str = "data") -> None:
     name, nc = data["name"], data["num_classes"]
     for split in data["splits"]:
         if split not in DATASET_SPLITS[name]:
-            raise invalid("data.splits", split, f"{name} splits: {', '.join(DATASET_SPLITS[name])}")
+            raise invalid(f"{prefix}.splits", split, f"{name} splits: {', '.join(DATASET_SPLITS[name])}")
     if "val" in data["splits"] and not data["val_fraction"] and name != "imagefolder":
-        raise invalid("data.splits", "val", "split val needs data.val_fraction > 0 (held out of train)")
+        raise invalid(f"{prefix}.splits", "val", f"split val needs {prefix}.val_fraction > 0 (held out of train)")
     if name == "digits" and data["resolution"] % 8:
-        raise invalid("data.resolution", data["resolution"], "digits needs a multiple of 8")
+        raise invalid(f"{prefix}.resolution", data["resolution"], "digits needs a multiple of 8")
     if name in FIXED_NUM_CLASSES and nc != FIXED_NUM_CLASSES[name]:
-        raise invalid("data.num_classes", nc, f"{name} has {FIXED_NUM_CLASSES[name]} classes")
+        raise invalid(f"{prefix}.num_classes", nc, f"{name} has {FIXED_NUM_CLASSES[name]} classes")
     if name == "imagefolder" and nc is None:
-        raise invalid("data.num_classes", nc, "imagefolder needs the number of class folders (an integer >= 2)")
+        raise invalid(f"{prefix}.num_classes", nc, "imagefolder needs the number of class folders (an integer >= 2)")
     if name == "synthetic":
         if nc is None or nc > SYNTHETIC_MAX_CLASSES:
-            raise invalid("data.num_classes", nc, f"synthetic needs an integer in [2, {SYNTHETIC_MAX_CLASSES}]")
+            raise invalid(f"{prefix}.num_classes", nc, f"synthetic needs an integer in [2, {SYNTHETIC_MAX_CLASSES}]")
         for key in ("train_size", "test_size"):
             if data[key] < nc:
                 raise invalid(f"data.{key}", data[key], f"must be an integer >= num_classes={nc}")
@@ -79,6 +82,26 @@ def _check_autoattack(aa: Mapping[str, Any]) -> None:
     if aa["enabled"] and aa["norm"] != "Linf" and aa["eps"] is None:
         raise ConfigError(f"eval.autoattack.eps=null is invalid with eval.autoattack.norm={aa['norm']}: "
                           "must be a radius > 0 (eval.pgd.eps is an L-inf one), e.g. 0.5")
+
+
+def _check_eval_inputs(cfg: Mapping[str, Any]) -> None:
+    """The corruption folder and the black-box surrogate exist (their contents: trainer.recipes.preflight)."""
+    ecfg = cfg["eval"]
+    root = ecfg["corruptions"]["root"]
+    if root:
+        missing = [f"{n}.npy" for n in [*ecfg["corruptions"]["names"], "labels"] if not (Path(root) / f"{n}.npy").is_file()]
+        if missing:
+            raise invalid("eval.corruptions.root", root, f"must be a folder holding <corruption>.npy and labels.npy "
+                          f"(CIFAR-10-C / CIFAR-100-C); missing: {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}")
+    surrogate = ecfg["blackbox"]["surrogate"]
+    has_teacher = cfg["teacher"]["checkpoint"] or (cfg["method"]["name"] == "deacl" and cfg["recipe"] != "evaluate")
+    if surrogate == "teacher" and not has_teacher:
+        raise invalid("eval.blackbox.surrogate", surrogate, "teacher needs a teacher: method=deacl (its recipe "
+                      "trains one) or teacher.checkpoint=...; otherwise give a model.pt or classifier_<protocol>.pt")
+    if surrogate and surrogate != "teacher" and not Path(surrogate).is_file():
+        raise invalid("eval.blackbox.surrogate", surrogate, "file does not exist; give a model.pt or "
+                      "classifier_<protocol>.pt this system wrote (or teacher with recipe=deacl)")
 
 
 def _check_recipe(cfg: Mapping[str, Any]) -> None:

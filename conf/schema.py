@@ -467,6 +467,42 @@ class RobustnessCurve(Section):
     """first n test images (null: the whole test split)"""
 
 
+class EvalData(Data):
+    """A second dataset the heads train and test on (transfer; group `+data@eval.data=<option>`)."""
+
+    beton_dir: str | None = None
+    """folder of its .beton files (null: data.beton_dir)"""
+
+
+# The 15 corruptions of Hendrycks & Dietterich's benchmark (CIFAR-10-C / CIFAR-100-C also ship
+# speckle_noise, gaussian_blur, spatter and saturate, which the benchmark's mean leaves out).
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression")
+
+
+class Corruptions(Section):
+    """Accuracy of each trained head on CIFAR-10-C / CIFAR-100-C (their published .npy layout)."""
+
+    root: str | None = None
+    """folder holding <corruption>.npy (uint8 N x 32 x 32 x 3, 5 equal blocks: severity 1 first) and labels.npy (null: off)"""
+    names: Annotated[list[str], Field(min_length=1)] = list(CORRUPTIONS)
+    """corruptions (file names without .npy); the 15 of the benchmark by default"""
+    severities: Annotated[list[Literal[1, 2, 3, 4, 5]], Field(min_length=1)] = [1, 2, 3, 4, 5]
+    """severities to evaluate"""
+    n_examples: PositiveInt | None = None
+    """first n images of each severity (null: all, 10,000 in the published files)"""
+
+
+class BlackBox(Section):
+    """RoCL's black-box transfer attack: PGD (eval.pgd) crafted on a surrogate, evaluated on the target head."""
+
+    surrogate: str | None = None
+    """encoder model.pt (a head is trained on it as the protocol trains the target's) | classifier_<protocol>.pt | teacher (recipe=deacl) | null: off"""
+    n_examples: PositiveInt | None = None
+    """first n test images (null: the whole test split)"""
+
+
 class Eval(Section):
     """Protocols after training and the reporting attacks."""
 
@@ -500,6 +536,12 @@ class Eval(Section):
     """AutoAttack for reporting"""
     curve: RobustnessCurve = Field(default_factory=RobustnessCurve)
     """the robustness curve (PGD accuracy against eps)"""
+    data: EvalData | None = None
+    """transfer: the heads train and test on this dataset, resized to data.resolution (null: data)"""
+    corruptions: Corruptions = Field(default_factory=Corruptions)
+    """common corruptions (CIFAR-10-C / CIFAR-100-C)"""
+    blackbox: BlackBox = Field(default_factory=BlackBox)
+    """black-box transfer attack from a surrogate (RoCL)"""
 
 
 class Monitor(Section):

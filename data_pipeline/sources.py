@@ -19,6 +19,7 @@ import colorsys
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -423,3 +424,51 @@ def load_source(data_cfg: Mapping[str, Any], split: str) -> ImageSource:
     train = _full_split(data_cfg, "train")
     tr, va = holdout_split(train.targets(), vf, int(data_cfg.get("split_seed", 0)))
     return train.subset(va if split == "val" else tr, split)
+
+
+# --------------------------------------------------------------------------------------------
+# Common corruptions: CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich), as published
+
+CORRUPTION_SEVERITIES = 5
+
+
+def corruption_layout(root: str | os.PathLike, names: Sequence[str]) -> dict[str, Any]:
+    """Check the published layout without reading the images: `<name>.npy` uint8 [N, H, W, 3] holding
+    5 equal blocks (severity 1 first; N = 50,000 in the published files) and `labels.npy` [N];
+    returns {"n": N, "per_severity": N // 5, "resolution": H, "max_label": ...}."""
+    root = Path(root)
+    try:
+        labels = np.load(root / "labels.npy", mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataSourceError(f"{root / 'labels.npy'} cannot be read as a .npy array ({e})") from e
+    n = int(labels.shape[0]) if labels.ndim == 1 else -1
+    if n <= 0 or n % CORRUPTION_SEVERITIES:
+        raise DataSourceError(f"{root / 'labels.npy'} has shape {labels.shape}; expected [N] with N a multiple of "
+                              f"{CORRUPTION_SEVERITIES} (one block of labels per severity)")
+    res = None
+    for name in names:
+        path = root / f"{name}.npy"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataSourceError(f"{path} cannot be read as a .npy array ({e})") from e
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[0] != n or arr.shape[3] != 3 \
+                or arr.shape[1] != arr.shape[2] or (res is not None and arr.shape[1] != res):
+            raise DataSourceError(f"{path} is {arr.dtype} {list(arr.shape)}; expected uint8 [{n}, H, H, 3] "
+                                  "like labels.npy and the other corruptions")
+        res = int(arr.shape[1])
+    return {"n": n, "per_severity": n // CORRUPTION_SEVERITIES, "resolution": res,
+            "max_label": int(np.max(labels))}
+
+
+def corruption_split(root: str | os.PathLike, name: str, severity: int,
+                     n_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images HWC uint8, labels int64) of one corruption at one severity (1..5): the first n_examples of its
+    block (all with None). The file is memory-mapped: only that block is read."""
+    root = Path(root)
+    labels = np.load(root / "labels.npy", mmap_mode="r")
+    block = len(labels) // CORRUPTION_SEVERITIES
+    start = (severity - 1) * block
+    stop = start + (block if n_examples is None else min(block, n_examples))
+    images = np.load(root / f"{name}.npy", mmap_mode="r")
+    return np.array(images[start:stop]), np.array(labels[start:stop], dtype=np.int64)  # copies: writable, in memory

@@ -3,7 +3,8 @@
 CIFAR-10/100: python pickle batches + meta, exactly as in cifar-*-python.tar.gz;
 STL-10: the binary stl10_binary/*.bin files (column-major 3x96x96 images, 1-based labels);
 SVHN: {split}_32x32.mat written with scipy.io.savemat (X: 32x32x3xN, y: Nx1 with 10 for "0");
-ImageFolder: PNG files under root/<split>/<class>/.
+ImageFolder: PNG files under root/<split>/<class>/;
+CIFAR-10-C / CIFAR-100-C: <corruption>.npy (5 severities x n images, uint8 NHWC) and labels.npy.
 
 torchvision checks the MD5 of every file against its own table (the real datasets' hashes), and
 these files cannot match it. `register_md5` puts the fixtures' real MD5s into torchvision's
@@ -137,6 +138,25 @@ def write_imagefolder(root: Path, seed: int = 4) -> dict:
                 labels.append(ci)
         out[split] = (files, np.asarray(labels))
     out["classes"] = ["a", "b", "c"]
+    return out
+
+
+def write_cifar_c(root: Path, names: list[str], per_severity: int = 4, num_classes: int = 10,
+                  seed: int = 5, base: np.ndarray | None = None) -> dict:
+    """CIFAR-10-C / CIFAR-100-C as published: `<name>.npy` uint8 [5 * per_severity, 32, 32, 3] (severity 1
+    first, the same test images in each block) and `labels.npy` [5 * per_severity]. `base`: the clean
+    images to corrupt (else random ones); severity s adds uniform noise of amplitude 25 * s."""
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    clean = base if base is not None else _images(rng, per_severity, 32)
+    labels = rng.integers(0, num_classes, size=per_severity)
+    out = {"labels": np.tile(labels, 5)}
+    np.save(Path(root) / "labels.npy", out["labels"].astype(np.uint8))  # the published file is uint8 too
+    for name in names:
+        blocks = [np.clip(clean.astype(np.int16) + rng.integers(-25 * s, 25 * s + 1, size=clean.shape), 0, 255)
+                  for s in range(1, 6)]
+        out[name] = np.concatenate(blocks).astype(np.uint8)
+        np.save(Path(root) / f"{name}.npy", out[name])
     return out
 
 

@@ -26,6 +26,7 @@ from conf import ConfigError, config_hash, invalid, legacy_config_hash
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer.checkpoint import MODEL_FILE
+from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
 from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
@@ -83,7 +84,8 @@ def stage_payload(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, 
     """What the stage's workers receive besides the config (`config["stage"]` of the worker loops)."""
     if stage.kind == "evaluate":
         return {"name": stage.name, "model_path": artifacts[stage.needs[0]],
-                "protocols": list(cfg["eval"]["protocols"]), "label": stage.label}
+                "protocols": list(cfg["eval"]["protocols"]), "label": stage.label,
+                "surrogate": surrogate_path(cfg, artifacts)}
     kwargs = {"teacher_path": artifacts["teacher"]} if stage.method["name"] == "deacl" else {}
     identity = {"config_hash": identity_hash(cfg), "run_name": cfg["run_name"], "recipe": resolve_recipe(cfg),
                 "stage": stage.name, "method": stage.method["name"]}
@@ -180,6 +182,7 @@ def preflight(cfg: Mapping[str, Any]) -> None:
                 f"output_dir={cfg['output_dir']!r} is inside the job's temporary working_dir ({cwd}): "
                 "results would be lost and the run name would change with every code change; "
                 "set output_dir (and cluster.storage_path) to an absolute path on shared storage")
+    check_eval_inputs(cfg)
     data = cfg["data"]
     if bundled(data) or data["download"]:
         return
@@ -214,6 +217,7 @@ def run_recipe(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> di
     claim_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
+    ensure_eval_betons(cfg, log=log)
     artifacts = initial_artifacts(cfg)
     evaluations: dict[str, dict[str, float]] = {}
     t_start = time.time()

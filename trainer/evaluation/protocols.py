@@ -32,7 +32,9 @@ from trainer.attacks import pgd_config
 from trainer.checkpoint import load_encoder
 from trainer.distributed import WorkerContext, all_reduce_mean, all_reduce_sum
 from trainer.evaluation.autoattack import after_key, result_keys, run_autoattack
+from trainer.evaluation.datasets import eval_data, metric_prefix
 from trainer.evaluation.robustness import RobustCounts, clean_and_pgd_counts
+from trainer.evaluation.shift import measure_blackbox, measure_corruptions
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import Progress
 
@@ -281,17 +283,53 @@ def measure_autoattack(cfg: Mapping[str, Any], ctx: WorkerContext, model: nn.Mod
     return {f"{protocol}_{k}": v for k, v in reduced.items()}
 
 
+def load_classifier(blob: Mapping[str, Any], device: torch.device | str = "cpu") -> Classifier:
+    """A classifier_<protocol>.pt the evaluate stage wrote (encoder architecture included), in eval mode."""
+    from trainer.models import build_encoder
+
+    state = blob["classifier"]
+    num_classes = int(blob.get("num_classes") or state["head.weight"].shape[0])
+    clf = Classifier(build_encoder(blob["model_cfg"], blob["stats"], with_projector=False), num_classes)
+    clf.load_state_dict(state)
+    return clf.to(device).eval()
+
+
+def build_surrogate(cfg: Mapping[str, Any], ctx: WorkerContext, path: str, spec: Protocol, label: str,
+                    wrap: Wrap) -> nn.Module:
+    """The black-box surrogate: a classifier file as it is, or a head trained on a model.pt's encoder exactly
+    as the target's (same protocol, data, recipe and seed)."""
+    from trainer.checkpoint import load_model_file
+
+    blob = load_model_file(path)
+    if "classifier" in blob:
+        return load_classifier(blob, ctx.device)
+    model, train_net = build_classifier(path, int(cfg["data"]["num_classes"]), spec, ctx, wrap,
+                                        cfg["eval"]["linear"]["head_init"])
+    train_head(cfg, ctx, model, train_net, spec, f"{label}/surrogate", lambda metrics: None)
+    return model
+
+
 def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, protocol: str, label: str,
                  report_each_epoch: Callable[[dict[str, float]], None],
-                 wrap: Wrap) -> tuple[dict[str, float], Classifier]:
-    """Train the protocol's head on the encoder at `model_path`, then measure it; (results, classifier)."""
+                 wrap: Wrap, surrogate: str | None = None) -> tuple[dict[str, float], Classifier]:
+    """Train the protocol's head on the encoder at `model_path` (on eval.data under transfer), then measure it:
+    SA / PGD / AutoAttack / curve, corruptions, black-box from `surrogate`; (results, classifier)."""
+    prefix, cfg = metric_prefix(protocol, cfg), {**cfg, "data": eval_data(cfg)}
     spec = protocol_spec(protocol, cfg["eval"])
     model, train_net = build_classifier(model_path, int(cfg["data"]["num_classes"]), spec, ctx, wrap,
                                         cfg["eval"]["linear"]["head_init"])
     train_head(cfg, ctx, model, train_net, spec, label, report_each_epoch)
-    result = measure_robustness(cfg, ctx, model, protocol, label)
+    result = measure_robustness(cfg, ctx, model, prefix, label)
+    per_rank = int(cfg["eval"]["linear"]["batch_size"]) // ctx.world_size
+    if cfg["eval"]["corruptions"]["root"]:
+        result.update(measure_corruptions(cfg, ctx, model, prefix, f"{label}/{prefix}", per_rank))
+    if surrogate:
+        source = build_surrogate(cfg, ctx, surrogate, spec, label, wrap)
+        test = sharded_test_loader(cfg["data"], ctx, per_rank)
+        show = pgd_progress(f"{label}/{prefix}", "black-box PGD", len(test), ctx.is_main)
+        result.update(measure_blackbox(cfg, ctx, model, source, prefix, f"{label}/{prefix}", test, len(test), show))
     if ctx.is_main:
-        aa = f" AA {result[f'{protocol}_aa']:.4f}" if f"{protocol}_aa" in result else ""
-        print(f"[{label}/{protocol}] SA {result[f'{protocol}_sa']:.4f} RA(PGD-{cfg['eval']['pgd']['steps']}) "
-              f"{result[f'{protocol}_ra']:.4f}{aa}", flush=True)
+        aa = f" AA {result[f'{prefix}_aa']:.4f}" if f"{prefix}_aa" in result else ""
+        print(f"[{label}/{prefix}] SA {result[f'{prefix}_sa']:.4f} RA(PGD-{cfg['eval']['pgd']['steps']}) "
+              f"{result[f'{prefix}_ra']:.4f}{aa}", flush=True)
     return result, model

@@ -18,6 +18,7 @@ class RobustCounts:
     clean: int = 0
     robust: int = 0
     total: int = 0
+    source_robust: int = 0  # transfer (evaluate_on given): the attacked model's own accuracy on its examples
     adversarial: list[torch.Tensor] = field(default_factory=list)
 
     def counts(self) -> dict[str, float]:
@@ -33,16 +34,20 @@ def as_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDConfig,
                          max_examples: int | None = None, keep_adversarial: bool = False,
-                         on_batch: Callable[[RobustCounts], None] | None = None) -> RobustCounts:
+                         on_batch: Callable[[RobustCounts], None] | None = None,
+                         evaluate_on: nn.Module | None = None) -> RobustCounts:
     """Count correct predictions of `model` (eval mode) on clean and PGD (CE) inputs.
 
     `batches`: loader batches or (x, y) pairs on the model's device. `max_examples` caps how many
     images are attacked; later batches are still read to the end (an FFCV epoch must finish).
     `keep_adversarial`: also keep the adversarial images (on the CPU, in order). `on_batch` is
-    called with the counts so far after each attacked batch (progress lines).
+    called with the counts so far after each attacked batch (progress lines). `evaluate_on`: a
+    black-box transfer attack: the examples are crafted on `model` (the surrogate) and `clean` /
+    `robust` count `evaluate_on`'s correct predictions (`source_robust`: the surrogate's own).
     """
     out = RobustCounts()
-    with network_mode([model], train=False):
+    target = model if evaluate_on is None else evaluate_on
+    with network_mode([model, target], train=False):
         for batch in batches:
             x, y = as_xy(batch)
             if max_examples is not None:
@@ -51,10 +56,12 @@ def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDCo
                     continue
                 x, y = x[:room], y[:room]
             with torch.no_grad():
-                out.clean += int((model(x).argmax(1) == y).sum())
+                out.clean += int((target(x).argmax(1) == y).sum())
             x_adv = pgd_attack(x, ce_objective(model, y), attack)
             with torch.no_grad():
-                out.robust += int((model(x_adv).argmax(1) == y).sum())
+                out.robust += int((target(x_adv).argmax(1) == y).sum())
+                if evaluate_on is not None:
+                    out.source_robust += int((model(x_adv).argmax(1) == y).sum())
             out.total += int(y.shape[0])
             if keep_adversarial:
                 out.adversarial.append(x_adv.cpu())
