@@ -221,3 +221,15 @@ def test_evaluate_transfer_corruptions_blackbox_l2_autoattack(tmp_path):
     assert m["slf_on_synthetic_bb_n"] == 16 and "[student/surrogate/slf] epoch 1/1" in log
     assert "corruptions 2/2 corruptions" in log and "black-box PGD" in log
     assert "SLF@synthetic" in proc.stdout and "corruptions mean" in proc.stdout
+
+
+def test_deacl_recipe_hands_the_teacher_to_the_evaluate_stages_as_surrogate(tmp_path):
+    from trainer.recipes import plan, stage_payload
+
+    cfg = composed("eval.blackbox.surrogate=teacher", f"output_dir={tmp_path}")
+    artifacts = {"teacher": str(tmp_path / "teacher.pt"), "student": str(tmp_path / "student.pt")}
+    payloads = {s.name: stage_payload(cfg, s, artifacts) for s in plan(cfg) if s.kind == "evaluate"}
+    assert payloads["evaluate_student"]["surrogate"] == artifacts["teacher"]
+    # the teacher's own stage gets it too, and the worker skips it there (white-box, not black-box)
+    assert payloads["evaluate_teacher"]["surrogate"] == payloads["evaluate_teacher"]["model_path"]
+    assert stage_payload(composed(), plan(composed())[-1], artifacts)["surrogate"] is None

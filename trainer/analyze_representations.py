@@ -68,18 +68,12 @@ def _label_of(path: Path, blob: Mapping[str, Any]) -> str:
 
 
 def _classifier_from_blob(blob: Mapping[str, Any], arch_blob: Mapping[str, Any] | None, path: Path):
-    from trainer.evaluation.protocols import Classifier
-    from trainer.models import build_encoder
+    from trainer.evaluation.protocols import load_classifier
 
-    src = blob if "model_cfg" in blob else arch_blob
-    if src is None:
+    if "model_cfg" not in blob and arch_blob is None:
         raise ValueError(f"{path} has no model_cfg (written before classifiers carried it); pass the encoder's "
                          "model.pt as checkpoint= and this file as classifier=")
-    state = blob["classifier"]
-    num_classes = int(blob.get("num_classes") or state["head.weight"].shape[0])
-    clf = Classifier(build_encoder(src["model_cfg"], src["stats"], with_projector=False), num_classes)
-    clf.load_state_dict(state)
-    return clf.eval()
+    return load_classifier(blob, "cpu", arch_blob)
 
 
 def load_model(checkpoint: str, classifier: str | None, device: torch.device):

@@ -1,10 +1,15 @@
-"""Evaluate any checkpoint this system wrote (SLF / ALF / AFF / LE / rLE; SA, PGD-20, AutoAttack).
+"""Evaluate any checkpoint this system wrote (SLF / ALF / AFF / LE / rLE; SA, PGD-20, AutoAttack;
+transfer, label efficiency, corruptions, black-box: docs/evaluation.md).
 
     python -m trainer.evaluate checkpoint=outputs/<run>/student/model.pt
     python -m trainer.evaluate checkpoint=... eval.protocols=[slf,alf,aff]
     python -m trainer.evaluate checkpoint=... eval.protocols=[alf] eval.alf_loss=pgd_at eval.bn_mode=train
     python -m trainer.evaluate checkpoint=... eval.protocols=[le,rle]          # RoCL's linear evaluation
     python -m trainer.evaluate checkpoint=... preset=deacl_cifar10 cluster=ray # the papers' budgets
+    python -m trainer.evaluate checkpoint=... +data@eval.data=stl10 eval.data.root=/datasets/stl10  # transfer
+    python -m trainer.evaluate checkpoint=... eval.corruptions.root=/datasets/CIFAR-10-C      # corruptions
+    python -m trainer.evaluate checkpoint=... eval.blackbox.surrogate=<other>/model.pt       # black-box
+    python -m trainer.evaluate checkpoint=... eval.label_fraction=0.01                         # 1% labels
     python -m trainer.evaluate checkpoint=... --cfg                            # print the config, exit
     robust-ssl-eval checkpoint=...                                             # installed console script
 
@@ -66,6 +71,15 @@ def prepare(cl: CommandLine) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, info
 
 
+def aa_threat_model(ecfg: dict[str, Any]) -> str | None:
+    """AutoAttack's norm and radius when they differ from the reporting PGD's (None: the same)."""
+    aa, pgd = ecfg["autoattack"], ecfg["pgd"]
+    eps = aa["eps"] if aa["eps"] is not None else pgd["eps"]
+    if aa["norm"].lower() == pgd["norm"] and abs(eps - pgd["eps"]) < 1e-12:
+        return None
+    return f"{aa['norm']}, eps {eps:.4g}; the PGD: {pgd['norm']}, eps {pgd['eps']:.4g}"
+
+
 def run(cl: CommandLine) -> int:
     cfg, info = prepare(cl)
     if cl.show_cfg:
@@ -83,7 +97,8 @@ def run(cl: CommandLine) -> int:
     results["eval_settings"] = {k: v for k, v in cfg["eval"].items() if k != "label"}
     write_results(run_dir(cfg), results, cfg)
     print()
-    print(format_paper_table(results["table"], list(cfg["eval"]["protocols"]), int(cfg["eval"]["pgd"]["steps"])))
+    print(format_paper_table(results["table"], list(cfg["eval"]["protocols"]), int(cfg["eval"]["pgd"]["steps"]),
+                             aa_threat_model(cfg["eval"])))
     out = results["run_dir"]
     print(f"\nresults: {out}/results.json, {out}/results.csv, {out}/results_paper.csv; "
           f"heads: {out}/evaluate_model/classifier_<protocol>.pt")

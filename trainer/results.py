@@ -123,8 +123,10 @@ def paper_rows(rows: list[dict[str, Any]], protocols: list[str]) -> list[dict[st
     return [{c: w.get(c) for c in cols} for w in wide.values()]
 
 
-def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_steps: int) -> str:
-    """Models as rows, protocols as column groups of SA / RA (PGD-n) / AA, in percent."""
+def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_steps: int,
+                       aa_threat: str | None = None) -> str:
+    """Models as rows, protocols as column groups of SA / RA (PGD-n) / AA, in percent; `aa_threat`
+    (e.g. "L2, eps 0.5") names AutoAttack's threat model where it is not the PGD's."""
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))  # SLF, ALF, ... or SLF@<dataset>
     wide = paper_rows(rows, protocols)
     name_w = max([12] + [len(str(w["model"])) + 2 for w in wide])
@@ -141,8 +143,9 @@ def format_paper_table(rows: list[dict[str, Any]], protocols: list[str], pgd_ste
             cells.append("|")
         lines.append(f"{str(w['model']):<{name_w}}" + "".join(cells))
     subset = sorted({r["AA_n"] for r in rows if r["AA_n"] and r["AA_n"] < r["n_test"]})
-    aa = (f"AA: AutoAttack robust accuracy on the first {'/'.join(map(str, subset))} test images (SA and RA on "
-          "those images: AA_SA, AA_RA_PGD in results.csv)" if subset else "AA: AutoAttack robust accuracy")
+    what = f"AutoAttack ({aa_threat}) robust accuracy" if aa_threat else "AutoAttack robust accuracy"
+    aa = (f"AA: {what} on the first {'/'.join(map(str, subset))} test images (SA and RA on "
+          "those images: AA_SA, AA_RA_PGD in results.csv)" if subset else f"AA: {what}")
     lines.append(f"SA: clean accuracy, RA: PGD-{pgd_steps} robust accuracy (full test split), {aa}; all in %.")
     return "\n".join(lines + shift_lines(rows))
 

@@ -283,13 +283,19 @@ def measure_autoattack(cfg: Mapping[str, Any], ctx: WorkerContext, model: nn.Mod
     return {f"{protocol}_{k}": v for k, v in reduced.items()}
 
 
-def load_classifier(blob: Mapping[str, Any], device: torch.device | str = "cpu") -> Classifier:
-    """A classifier_<protocol>.pt the evaluate stage wrote (encoder architecture included), in eval mode."""
+def load_classifier(blob: Mapping[str, Any], device: torch.device | str = "cpu",
+                    arch: Mapping[str, Any] | None = None) -> Classifier:
+    """A classifier_<protocol>.pt the evaluate stage wrote, in eval mode; its encoder's architecture from
+    the file (or from `arch`, the encoder's model.pt, for files written before they carried it)."""
     from trainer.models import build_encoder
 
+    src = blob if "model_cfg" in blob else arch
+    if src is None:
+        raise ValueError("the classifier file has no model_cfg (written before classifiers carried it); "
+                         "give the encoder's model.pt too")
     state = blob["classifier"]
     num_classes = int(blob.get("num_classes") or state["head.weight"].shape[0])
-    clf = Classifier(build_encoder(blob["model_cfg"], blob["stats"], with_projector=False), num_classes)
+    clf = Classifier(build_encoder(src["model_cfg"], src["stats"], with_projector=False), num_classes)
     clf.load_state_dict(state)
     return clf.to(device).eval()
 
@@ -327,7 +333,7 @@ def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, pr
         source = build_surrogate(cfg, ctx, surrogate, spec, label, wrap)
         test = sharded_test_loader(cfg["data"], ctx, per_rank)
         show = pgd_progress(f"{label}/{prefix}", "black-box PGD", len(test), ctx.is_main)
-        result.update(measure_blackbox(cfg, ctx, model, source, prefix, f"{label}/{prefix}", test, len(test), show))
+        result.update(measure_blackbox(cfg, ctx, model, source, prefix, f"{label}/{prefix}", test, show))
     if ctx.is_main:
         aa = f" AA {result[f'{prefix}_aa']:.4f}" if f"{prefix}_aa" in result else ""
         print(f"[{label}/{prefix}] SA {result[f'{prefix}_sa']:.4f} RA(PGD-{cfg['eval']['pgd']['steps']}) "

@@ -73,7 +73,7 @@ def measure_corruptions(cfg: Mapping[str, Any], ctx: WorkerContext, model: nn.Mo
 
 
 def measure_blackbox(cfg: Mapping[str, Any], ctx: WorkerContext, target: nn.Module, surrogate: nn.Module,
-                     prefix: str, stage: str, batches: Iterable[Any], total_batches: int,
+                     prefix: str, stage: str, batches: Iterable[Any],
                      on_batch: Callable[[RobustCounts], None] | None = None) -> dict[str, float]:
     """Target accuracy on PGD examples crafted on `surrogate` (test split, sharded): `<p>_bb_sa` (target,
     clean), `<p>_bb_ra` (target, transferred), `<p>_bb_surrogate_ra` (surrogate, white-box), `<p>_bb_n`."""
