@@ -67,6 +67,9 @@ def prepare(cl: CommandLine) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run(cl: CommandLine) -> int:
+    from trainer import signals
+
+    signals.install()  # SIGINT / SIGTERM stop at a safe point (trainer/signals.py)
     cfg, info = prepare(cl)
     if cl.show_cfg:
         print(json.dumps(cfg, indent=2))
