@@ -208,30 +208,37 @@ def test_sigterm_stops_with_143_and_a_second_signal_stops_at_once(betons, tmp_pa
     assert "Traceback" not in log, log[-3000:]
 
 
-def _kill_worker(job: Job) -> None:
-    """SIGKILL the RayTrainWorker of the train stage once its second epoch line is out."""
+def _kill_worker(job: Job) -> int:
+    """SIGKILL the RayTrainWorker of the train stage once Ray registered a checkpoint; that epoch."""
     pid = int(job.wait_for(r"\(RayTrainWorker pid=(\d+)\)[^\n]*\[train\] epoch 2/").group(1))
+    t0 = time.time()
+    while not (job.ray_dir / "checkpoint_manager_snapshot.json").exists() and time.time() - t0 < 60:
+        time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
+    return max(_registered_epochs(job.ray_dir))
 
 
 @pytest.mark.slow
 def test_dead_worker_restarts_once_by_default_then_gives_one_line(betons, tmp_path):
-    job = Job(tmp_path, _overrides(tmp_path, betons, **{"method.train.epochs": "8"}), "restart")
+    job = Job(tmp_path, _overrides(tmp_path, betons), "restart")
     assert job.cfg["cluster"]["max_failures"] == 1  # the local default
-    _kill_worker(job)
+    registered = _kill_worker(job)
     rc = job.finish(timeout=300)
     log = job.log()
-    assert rc == 0 and re.search(r"\[train\] resumed after epoch [1-9]", log), log[-3000:]
+    assert rc == 0, log[-3000:]
+    resumed = re.search(r"\[train\] resumed after epoch (\d+) ", log)
+    assert resumed and int(resumed.group(1)) >= registered >= 1, log[-3000:]
     assert (job.run_dir / "results.json").exists()
 
-    fail = Job(tmp_path, _overrides(tmp_path, betons, **{"cluster.max_failures": "0"}), "fail")
-    _kill_worker(fail)
+    # Another output folder: cluster.* is not part of the run's identity, the run above is finished.
+    fail = Job(tmp_path, _overrides(tmp_path / "fail", betons, **{"cluster.max_failures": "0"}), "fail")
+    registered = _kill_worker(fail)
     rc = fail.finish()
     log = fail.log()
     line = re.search(r"^stage train failed after epoch (\d+): a worker process died \(.*\); the worker group was "
                      r"restarted 0 time\(s\) \(cluster.max_failures\); Ray's traceback: (\S+); rerun to resume "
                      r"after epoch \1: python -m trainer.run .*$", log, re.M)
     assert rc == 1 and line, log[-3000:]
-    assert int(line.group(1)) >= 1 and Path(line.group(2)) == fail.run_dir / "train_failure.log"
+    assert int(line.group(1)) >= registered >= 1 and Path(line.group(2)) == fail.run_dir / "train_failure.log"
     assert "Traceback" in Path(line.group(2)).read_text()
     assert "Traceback" not in log and "WorkerGroupError" not in log, log[-3000:]

@@ -116,17 +116,23 @@ def run_train_stage(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Ca
         raise err
     if outcome.get("status") == "mismatch":
         raise RunMismatchError(outcome["message"])
+    stopped_at = None
     if outcome.get("status") == "interrupted":
-        raise signals.interrupted(f"after {payload['name']} epoch {outcome['epoch']}")
-    if stoppable and signals.received() is not None:  # the signal came during the last epoch's report
-        raise signals.interrupted(f"after {payload['name']} epoch {(result.metrics or {}).get('epoch', 0)}")
+        stopped_at = outcome["epoch"]
+    elif stoppable and signals.received() is not None:  # the signal came during the last epoch's report
+        stopped_at = (result.metrics or {}).get("epoch", 0)
+    if stopped_at is not None:
+        import ray
+
+        ray.shutdown()  # now, not at exit: Ray's shutdown chatter would follow the line
+        raise signals.interrupted(f"after {payload['name']} epoch {stopped_at}")
     return result
 
 
 def build_trainer(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Callable, run_name: str,
                   callbacks: list | None = None):
     """The TorchTrainer of one stage: scaling, failure and checkpoint settings from cfg["cluster"]."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster = cfg["cluster"]
@@ -143,6 +149,9 @@ def build_trainer(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Call
         run_config=RunConfig(name=run_name, storage_path=cluster["storage_path"],
                              failure_config=FailureConfig(max_failures=int(cluster["max_failures"])),
                              checkpoint_config=CheckpointConfig(num_to_keep=int(cluster["checkpoints_to_keep"])),
+                             # Train's INFO/WARNING records (placement, the failure policy's decisions,
+                             # each with a traceback) stay in Ray's session logs, off the screen.
+                             logging_config=LoggingConfig(log_level="ERROR"),
                              callbacks=callbacks or []))
 
 

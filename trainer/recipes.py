@@ -155,9 +155,12 @@ def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str]
     log(f"[recipe] stage {stage.name} ({stage.kind}) starting")
     init_ray(cfg)
     loop = pretrain_loop if stage.kind == "pretrain" else evaluate_loop
-    with signals.phase(f"stage {stage.name}"):
-        result = run_train_stage(cfg, stage_payload(cfg, stage, artifacts), loop, run_name,
-                                 stoppable=stage.kind == "pretrain")
+    try:
+        with signals.phase(f"stage {stage.name}"):
+            result = run_train_stage(cfg, stage_payload(cfg, stage, artifacts), loop, run_name,
+                                     stoppable=stage.kind == "pretrain")
+    except TrainingFailed as e:  # restarts used up: one line, Ray's traceback beside the stage folder
+        raise stage_failed(e, stage_dir.parent, cfg) from None
     if result.checkpoint is None and stage.kind == "pretrain":
         raise RuntimeError(f"the Ray Train run at {result.path} finished without a checkpoint; "
                            "delete that folder to start the stage again")
@@ -214,7 +217,7 @@ def claim_run_dir(cfg: Mapping[str, Any], out: Path) -> None:
 
 def stage_failed(error: TrainingFailed, out: Path, cfg: Mapping[str, Any]) -> RunStopped:
     """The one line of a stage whose worker group kept dying; Ray's traceback goes to a log file in
-    the run folder (appended: each failure of the run keeps its own)."""
+    the run folder `out` (appended: each failure of the run keeps its own)."""
     log_file = out / f"{error.stage}_failure.log"
     out.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as f:
@@ -239,10 +242,7 @@ def run_recipe(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> di
     evaluations: dict[str, dict[str, float]] = {}
     t_start = time.time()
     for stage in plan(cfg):
-        try:
-            info = run_stage(cfg, stage, artifacts, out / stage.name, f"{cfg['run_name']}-{stage.name}", log=log)
-        except TrainingFailed as e:
-            raise stage_failed(e, out, cfg) from None
+        info = run_stage(cfg, stage, artifacts, out / stage.name, f"{cfg['run_name']}-{stage.name}", log=log)
         if info.get("model_path"):
             artifacts[stage.name] = info["model_path"]
         if stage.kind == "evaluate":
