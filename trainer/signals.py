@@ -12,9 +12,10 @@ for SIGINT (Ctrl-C), 143 for SIGTERM (a scheduler's stop, `ray job stop`).
 
 Ray installs its own handlers in the driver: `ray.init` a SIGTERM one (sys.exit), Ray Train's
 `fit()` in the main thread a SIGINT one that aborts the run (killing the workers before their last
-checkpoint is registered). `install()` runs again after `ray.init` and `run_train_stage` calls
-`fit()` from a helper thread, where Ray Train installs none; Tune's handler is chained to this one
-by tune.search.
+checkpoint is registered). The handlers are installed again after `ray.init` (`reinstall`), and
+`run_train_stage` calls `fit()` from a helper thread (`run_stoppable`), where Ray Train installs
+none. During a Tune sweep's `fit()` a first signal runs Tune's own graceful stop instead
+(`delegated_to_tune`).
 """
 from __future__ import annotations
 
