@@ -6,7 +6,9 @@
 `cli_main` prints `--help` (the module doc, then the config groups, their options and the
 top-level keys, all read from conf/ and the schema; `--help SECTION` lists one section's keys),
 splits the entry point's own `key=value` arguments from Hydra overrides, and turns a ConfigError
-into one line on stderr and exit status 2.
+into one line on stderr and exit status 2, a RunStopped (a signal, a worker group that kept dying)
+into its one line and its status (128 + the signal; 1), and a Ctrl-C that arrives before the entry
+point handles signals itself (trainer.signals) into one line and status 130.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 
 from conf import schema
 from conf.compose import CONF_DIR
-from conf.errors import ConfigError, field_type, is_model, union_members, unwrap, describe
+from conf.errors import ConfigError, RunStopped, field_type, is_model, union_members, unwrap, describe
 
 
 @dataclass
@@ -53,6 +55,22 @@ def cli_main(doc: str | None, argv: Sequence[str] | None, body: Callable[[Comman
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_status
+    except KeyboardInterrupt:  # SIGINT before the entry point installed its handlers: nothing started yet
+        print("interrupted during start-up; rerun the same command to resume", file=sys.stderr, flush=True)
+        return 130
+
+
+def command_line() -> str:
+    """This process's command line as the user would type it again (`python -m trainer.run ...`)."""
+    import shlex
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else shlex.quote(sys.argv[0])
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def groups() -> dict[str, list[str]]:

@@ -18,6 +18,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names key, value and what is allowed."""
 
 
+class RunStopped(Exception):
+    """A run stopped before finishing for a reason the user can act on (a signal, a worker group that
+    kept dying): the entry points print its one-line message on stderr and exit with `exit_status`."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 def invalid(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is invalid: {allowed}")
 

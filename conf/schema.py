@@ -593,7 +593,7 @@ class Cluster(Section):
     """Ray placement of the workers"""
     storage_path: str | None = None
     """Ray Train storage (null: <output_dir>/ray_results); shared (NFS or s3://) on multi-node clusters"""
-    max_failures: Annotated[int, Field(ge=-1)] = 0
+    max_failures: Annotated[int, Field(ge=-1)] = 1
     """worker-group restarts from the last checkpoint (-1: unlimited)"""
     sync_bn: bool = False
     """synchronise BatchNorm statistics over the global batch"""

@@ -81,6 +81,9 @@ def aa_threat_model(ecfg: dict[str, Any]) -> str | None:
 
 
 def run(cl: CommandLine) -> int:
+    from trainer import signals
+
+    signals.install()  # SIGINT / SIGTERM stop at a safe point (trainer/signals.py)
     cfg, info = prepare(cl)
     if cl.show_cfg:
         print(json.dumps(cfg, indent=2))

@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from conf import ConfigError, config_hash, invalid, legacy_config_hash
+from conf import ConfigError, RunStopped, config_hash, invalid, legacy_config_hash
+from conf.cli import command_line
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
+from trainer import signals
 from trainer.checkpoint import MODEL_FILE
 from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
 from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
+from trainer.worker.outcome import TrainingFailed
 
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
@@ -154,7 +157,12 @@ def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str]
     log(f"[recipe] stage {stage.name} ({stage.kind}) starting")
     init_ray(cfg)
     loop = pretrain_loop if stage.kind == "pretrain" else evaluate_loop
-    result = run_train_stage(cfg, stage_payload(cfg, stage, artifacts), loop, run_name)
+    try:
+        with signals.phase(f"stage {stage.name}"):
+            result = run_train_stage(cfg, stage_payload(cfg, stage, artifacts), loop, run_name,
+                                     stoppable=stage.kind == "pretrain")
+    except TrainingFailed as e:  # restarts used up: one line, Ray's traceback beside the stage folder
+        raise stage_failed(e, stage_dir.parent, cfg) from None
     if result.checkpoint is None and stage.kind == "pretrain":
         raise RuntimeError(f"the Ray Train run at {result.path} finished without a checkpoint; "
                            "delete that folder to start the stage again")
@@ -210,14 +218,30 @@ def claim_run_dir(cfg: Mapping[str, Any], out: Path) -> None:
         os.replace(tmp, marker)
 
 
+def stage_failed(error: TrainingFailed, out: Path, cfg: Mapping[str, Any]) -> RunStopped:
+    """The one line of a stage whose worker group kept dying; Ray's traceback goes to a log file in
+    the run folder `out` (appended: each failure of the run keeps its own)."""
+    log_file = out / f"{error.stage}_failure.log"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as f:
+        f.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} stage {error.stage}, epoch {error.epoch}: "
+                f"{error.cause}\n{error.details}\n")
+    restarts = int(cfg["cluster"]["max_failures"])
+    tried = "restarted without limit" if restarts < 0 else f"restarted {restarts} time(s) (cluster.max_failures)"
+    return RunStopped(f"stage {error.stage} failed after epoch {error.epoch}: {error.cause}; the worker group was "
+                      f"{tried}; Ray's traceback: {log_file}; rerun to resume after epoch {error.epoch}: "
+                      f"{command_line()}", 1)
+
+
 def run_recipe(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage of the configured recipe; write results.json/csv; return the results."""
     out = run_dir(cfg)
     preflight(cfg)
     claim_run_dir(cfg, out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
-    ensure_eval_betons(cfg, log=log)
+    with signals.phase("writing the .beton files"):
+        ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
+        ensure_eval_betons(cfg, log=log)
     artifacts = initial_artifacts(cfg)
     evaluations: dict[str, dict[str, float]] = {}
     t_start = time.time()

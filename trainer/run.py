@@ -15,6 +15,9 @@ from conf.cli import CommandLine, cli_main
 
 
 def run(cl: CommandLine) -> int:
+    from trainer import signals
+
+    signals.install()  # SIGINT / SIGTERM stop at a safe point (trainer/signals.py)
     cfg = compose(cl.overrides)
     if cl.show_cfg:
         print(json.dumps(cfg, indent=2))

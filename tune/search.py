@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 from conf import ConfigError, compose, compose_raw, config_hash, validate
 from conf.cli import CommandLine, cli_main
 from data_pipeline.write import ensure_betons
+from trainer import signals
 from trainer.grid import per_trial_resources, trials_that_fit
 from trainer.launch import init_ray, run_train_stage, use_gpu
 from trainer.recipes import initial_artifacts, plan, preflight, run_stage, stage_payload
@@ -230,7 +231,8 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
         raise ConfigError(f"resume=false but a sweep already exists at {path}; delete it, set tune.name=..., "
                           "or resume it (resume=auto)")
     preflight(cfg)
-    ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
+    with signals.phase("writing the .beton files"):
+        ensure_betons(cfg["data"], list(cfg["data"]["splits"]), log=log)
     init_ray_for_sweep(cfg)
     base = prepare_base(cfg, name, path, log)
     gpu = use_gpu(base)
@@ -247,8 +249,11 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
         f"(max_t={meta['max_t']}); metric {meta['metric']} ({meta['mode']}); {meta['max_concurrent_trials']} "
         f"trial(s) at once, each {meta['per_trial']}; {'restoring' if exists else 'new'} at {path}")
     t0 = time.time()
-    grid = make_tuner(cfg, trainable, meta, exists, callbacks).fit()
+    with signals.phase(f"sweep {name}"), signals.delegated_to_tune():
+        grid = make_tuner(cfg, trainable, meta, exists, callbacks).fit()
     unfinished = unfinished_trials(path)
+    if signals.received() is not None:  # Tune saved the experiment state: the line, then 128 + signal
+        raise signals.interrupted(f"sweep {name} with {unfinished} unfinished trial(s)")
     if unfinished:
         log(f"[tune] sweep interrupted with {unfinished} unfinished trial(s); run the same command again "
             "(or add resume=true) to continue it")
@@ -267,6 +272,7 @@ def show_plan(cfg: Mapping[str, Any], base_overrides: list[str]) -> None:
 
 
 def sweep_command(cl: CommandLine) -> int:
+    signals.install()  # SIGINT / SIGTERM: Tune saves the sweep's state, then one line (trainer/signals.py)
     resume, analyze = cl.own.get("resume", "auto").lower(), cl.own.get("analyze", "true").lower()
     if resume not in ("auto", "true", "false"):
         raise ConfigError(f"resume={resume!r} is invalid: allowed: auto, true, false")

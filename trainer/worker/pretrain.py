@@ -24,6 +24,7 @@ import trainer.worker.outcome as outcome
 from trainer.worker.context import ddp_wrapper, new_checkpoint_dir, setup_worker
 from trainer.worker.hooks import EpochHook, default_hooks
 from trainer.worker.state import TrainState
+from trainer.worker.stop import StopRequest
 from trainer.worker.step import TrainStep, prepare_method
 
 
@@ -48,9 +49,14 @@ def pretrain_loop(config: dict[str, Any], extra_hooks: Sequence[EpochHook] = ())
     per_rank_batch = int(stage["method"]["train"]["batch_size"]) // ctx.world_size
     hooks = default_hooks(cfg, ctx, train_step, per_rank_batch, epochs) + list(extra_hooks)
     progress = Progress(stage["name"], epochs, state.epoch, ctx.is_main)
+    stop = StopRequest(stage.get("stop_file"), ctx)
     while state.epoch < epochs:
         epoch = state.epoch
-        report, timings = train_epoch(state, train_step, hooks, ctx)
+        done = None if stop.requested() else train_epoch(state, train_step, hooks, ctx, stop)
+        if done is None:  # the driver got a signal: end after the last report (Ray registers its checkpoint)
+            _say(ctx, f"[{stage['name']}] stop requested: stopping after epoch {epoch}")
+            return outcome.interrupted(epoch)
+        report, timings = done
         if not all(math.isfinite(v) for v in report.values()):
             return _stop_nonfinite(stage, epoch, report, ctx)
         encoder = state.method.export_encoder()  # once per epoch: monitors and checkpoint share it
@@ -83,9 +89,10 @@ def build_state(cfg: Mapping[str, Any], stage: Mapping[str, Any],
     return state, TrainStep(method, optimizer, scheduler, cfg, ctx.device)  # no host sync inside a step
 
 
-def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochHook],
-                ctx: WorkerContext) -> tuple[dict[str, float], dict[str, Any]]:
-    """One epoch of steps; (the all-reduced report, where the time went)."""
+def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochHook], ctx: WorkerContext,
+                stop: StopRequest | None = None) -> tuple[dict[str, float], dict[str, Any]] | None:
+    """One epoch of steps; (the all-reduced report, where the time went), or None when `stop` was
+    requested after one of its steps (the epoch is abandoned; its last checkpoint stays the resume point)."""
     epoch, loader = state.epoch, state.loader
     loader.set_epoch(epoch)
     state.method.train()
@@ -100,6 +107,8 @@ def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochH
         for k, v in train_step(batch).items():
             sums[k] = sums.get(k, 0) + v.float()
         n_images += batch["views"][0].shape[0]
+        if stop is not None and stop.requested():
+            return None
         tick = time.perf_counter()
     seconds = time.perf_counter() - t0
     report = all_reduce_mean({k: v / max(steps, 1) for k, v in sums.items()}, ctx)

@@ -1,0 +1,192 @@
+"""SIGINT / SIGTERM in a driver (trainer.run, trainer.evaluate, tune.search): stop at a safe point.
+
+The first signal is remembered. While a pre-training stage's Ray Train run is in progress it also
+asks that run's workers to stop: a marker file (`stop_requested`) in the run's storage folder,
+which the epoch loop polls between steps (trainer/worker/stop.py). The workers then return an
+"interrupted" outcome after their last report, so Ray registers that epoch's checkpoint and
+`fit()` returns normally; `trainer.launch.run_train_stage` raises `interrupted(...)`. Anywhere else
+(writing .beton files, an evaluation stage, between stages) nothing is lost but unfinished work a
+rerun redoes, so the handler raises at once; so does a second signal, wherever it arrives. The
+entry point (conf.cli.cli_main) prints the one line and exits with 128 + the signal number: 130
+for SIGINT (Ctrl-C), 143 for SIGTERM (a scheduler's stop, `ray job stop`).
+
+Ray installs its own handlers in the driver: `ray.init` a SIGTERM one (sys.exit), Ray Train's
+`fit()` in the main thread a SIGINT one that aborts the run (killing the workers before their last
+checkpoint is registered). The handlers are installed again after `ray.init` (`reinstall`), and
+`run_train_stage` calls `fit()` from a helper thread (`run_stoppable`), where Ray Train installs
+none. During a Tune sweep's `fit()` a first signal runs Tune's own graceful stop instead
+(`delegated_to_tune`).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from conf import RunStopped
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_FILE = "stop_requested"
+RERUN = "rerun the same command to resume"
+
+
+class _State:
+    """This process's signal state (a driver handles its signals in its main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal received
+        self.count = 0
+        self.stop_file: str | None = None  # the stop marker of the pre-training run in progress
+        self.phase = "start-up"  # where the driver is, for the line of an immediate stop
+        self.installed = False
+        self.delegate: Callable[[int, Any], bool] | None = None  # a graceful stop someone else runs (Tune's)
+
+
+_state = _State()
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM from now on (an entry point calls it; main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, handle)
+        _state.installed = True
+
+
+def reinstall() -> None:
+    """After `ray.init` (which installs its own SIGTERM handler): ours again, if an entry point installed them."""
+    if _state.installed:
+        install()
+
+
+def reset() -> None:
+    """Forget the signals received (a process that runs several drivers one after another: tests)."""
+    global _state
+    installed, _state = _state.installed, _State()
+    _state.installed = installed
+
+
+def received() -> int | None:
+    """The first signal this driver received (None: none)."""
+    return _state.signum
+
+
+def exit_status(signum: int | None) -> int:
+    return 128 + (signum or signal.SIGINT)
+
+
+def interrupted(where: str) -> RunStopped:
+    """The one line of a run stopped by a signal: `interrupted <where>; rerun the same command to resume`."""
+    return RunStopped(f"interrupted {where}; {RERUN}", exit_status(_state.signum))
+
+
+def handle(signum: int, frame: Any) -> None:
+    """First signal inside a stoppable Train run: ask its workers to stop; otherwise stop here."""
+    _state.count += 1
+    if _state.signum is None:
+        _state.signum = signum
+    if _state.count == 1 and _state.delegate is not None and _state.delegate(signum, frame):
+        print(f"[run] {signal.Signals(signum).name}: stopping at a safe point "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        return
+    if _state.count == 1 and _state.stop_file:
+        request_stop(_state.stop_file)
+        print(f"[run] {signal.Signals(signum).name}: stopping after the current training step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        return
+    again = " (stopped at once: the unfinished epoch is lost)" if _state.stop_file else ""
+    raise interrupted(f"during {_state.phase}{again}")
+
+
+@contextmanager
+def phase(label: str) -> Iterator[None]:
+    """Name what the driver is doing, for the line of a signal that stops it there."""
+    before, _state.phase = _state.phase, label
+    try:
+        yield
+    finally:
+        _state.phase = before
+
+
+@contextmanager
+def delegated_to_tune() -> Iterator[None]:
+    """During `Tuner.fit()`: a first signal runs Tune's own graceful stop (it saves the experiment
+    state; its trials stay unfinished and resume on restore). Tune keeps that handler on SIGUSR1;
+    its SIGINT handler is turned off, so that this module sees SIGINT and SIGTERM alike."""
+    import os
+
+    def tune_stop(signum: int, frame: Any) -> bool:
+        handler = signal.getsignal(signal.SIGUSR1)
+        if not callable(handler) or handler is handle:  # Tune's loop is not running (yet)
+            return False
+        handler(signum, frame)
+        return True
+
+    env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    before, _state.delegate = _state.delegate, tune_stop
+    try:
+        yield
+    finally:
+        _state.delegate = before
+        if env_before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
+
+
+def stop_file(storage_path: str, run_name: str) -> str:
+    """The stop marker of the Train run `run_name` under `storage_path` (a local path or a URI)."""
+    base = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().absolute())
+    return f"{base.rstrip('/')}/{run_name}/{STOP_FILE}"
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def request_stop(uri: str) -> None:
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(b"stop after the current step\n")
+
+
+def clear_stop(uri: str) -> None:
+    """Remove a marker left by an earlier, interrupted run (it would stop this one at once)."""
+    import pyarrow.fs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def run_stoppable(fn: Callable[[], Any], uri: str | None) -> Any:
+    """`fn()` (a Train `fit`) in a helper thread, this thread waiting; with `uri`, a first signal
+    meanwhile writes that stop marker instead of stopping here. Outside the main thread: `fn()`."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    before, _state.stop_file = _state.stop_file, uri
+    try:
+        worker = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.5)  # returns to run signal handlers
+    finally:
+        _state.stop_file = before
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
