@@ -332,7 +332,9 @@ def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, pr
     if surrogate:
         source = build_surrogate(cfg, ctx, surrogate, spec, label, wrap)
         test = sharded_test_loader(cfg["data"], ctx, per_rank)
-        show = pgd_progress(f"{label}/{prefix}", "black-box PGD", len(test), ctx.is_main)
+        cap = cfg["eval"]["blackbox"]["n_examples"]  # batches attacked: the capped ones, not the whole split
+        attacked = len(test) if cap is None else min(len(test), -(-int(cap) // (per_rank * ctx.world_size)))
+        show = pgd_progress(f"{label}/{prefix}", "black-box PGD", attacked, ctx.is_main)
         result.update(measure_blackbox(cfg, ctx, model, source, prefix, f"{label}/{prefix}", test, show))
     if ctx.is_main:
         aa = f" AA {result[f'{prefix}_aa']:.4f}" if f"{prefix}_aa" in result else ""
