@@ -262,3 +262,113 @@ def test_seed_spread_groups_trials_that_differ_only_in_seed():
     (row,) = seed_spread(sw)
     assert row["method.lam"] == 1.0 and row["n"] == 3 and row["seeds"] == "0 1 2"
     assert row["objective_mean"] == pytest.approx(0.6) and row["objective_std"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- search algorithms, budgets
+
+def test_search_alg_and_time_attr_are_checked(tmp_path):
+    from tune.search import compose_sweep
+    from tune.searchers import check_searchable
+
+    base = ["tune=demo", f"output_dir={tmp_path}"]
+    for extra, message in (
+            (["tune.search_alg=tpe"], "tune.search_alg='tpe' is invalid: allowed: random, optuna, bohb"),
+            (["tune.time_attr=flops"], "tune.time_attr='flops' is invalid: allowed: epoch, compute"),
+            (["tune.time_attr=compute"], "tune.scheduler.max_t=None is invalid with tune.time_attr=compute"),
+            (["tune.time_attr=compute", "tune.scheduler.max_t=100", "tune.scheduler.grace_period=200"],
+             "grace_period=200 is invalid: must be an integer in \\[1, tune.scheduler.max_t=100\\]"),
+            (["tune.scheduler.max_t=5"], "tune.scheduler.max_t=5 is invalid: must be an integer in \\[1, "
+                                         "method.train.epochs=4\\]"),
+            (["tune.search_alg=bohb", "tune.scheduler.name=fifo"], "invalid with tune.search_alg=bohb"),
+            (["tune.search_alg=bohb", "tune.time_attr=compute", "tune.scheduler.max_t=9"],
+             "tune.time_attr='compute' is invalid with tune.search_alg=bohb"),
+            (["tune=asha_bench", "tune.search_alg=optuna"], "tune.space.attack.eps: type=grid cannot be searched")):
+        with pytest.raises(ConfigError, match=message):
+            compose_sweep([*base, *extra])
+    with pytest.raises(ConfigError, match=r"value \[0.5, 0.5\] cannot be searched by tune.search_alg=optuna"):
+        check_searchable({"method.stream_weights": {"type": "choice", "values": [[0.5, 0.5], [0.3, 0.7]]}}, "optuna")
+    with pytest.raises(ConfigError, match="type=quniform cannot be searched by tune.search_alg=bohb"):
+        check_searchable({"attack.steps": {"type": "quniform", "low": 1, "high": 5, "q": 1}}, "bohb")
+    check_searchable({"attack.steps": {"type": "grid", "values": [1, 3]}}, "random")  # random sampling takes grids
+    cfg, _ = compose_sweep([*base, "tune.time_attr=compute", "tune.scheduler.max_t=20000"])
+    assert cfg["tune"]["scheduler"]["max_t"] == 20000
+
+
+def test_searchers_and_schedulers_from_the_config(tmp_path):
+    from ray.tune.schedulers import FIFOScheduler, HyperBandForBOHB
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.bohb import TuneBOHB
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.schedulers import ReplayASHA, make_scheduler
+    from tune.search import compose_sweep
+    from tune.searchers import make_searcher
+    from tune.space import param_space
+
+    def built(*extra):
+        cfg, _ = compose_sweep(["tune=demo", f"output_dir={tmp_path}", *extra])
+        return cfg, make_searcher(cfg["tune"], 3), make_scheduler(cfg)
+
+    _, (search, limit), sched = built()
+    assert isinstance(search, BasicVariantGenerator) and limit is None and isinstance(sched, ReplayASHA)
+    assert sched._time_attr == "epoch" and sched._max_t == 4
+    cfg, (search, limit), sched = built("tune.search_alg=optuna", "tune.seed=7", "tune.time_attr=compute",
+                                        "tune.scheduler.max_t=30000", "tune.scheduler.grace_period=3000")
+    assert isinstance(search, OptunaSearch) and limit == 3
+    assert isinstance(sched, ReplayASHA) and sched._time_attr == "compute" and sched._max_t == 30000
+    # the space as TPE sees it: Tune's distributions converted by OptunaSearch
+    search.set_search_properties("objective", "max", param_space(cfg["tune"]["space"]))
+
+    def proposals(seed):  # TPE seeded by tune.seed: the same seed proposes the same points
+        s = make_searcher({**cfg["tune"], "seed": seed}, 1)[0]
+        s.set_search_properties("objective", "max", param_space(cfg["tune"]["space"]))
+        return [s.suggest(str(i)) for i in range(3)]
+
+    assert proposals(7) == proposals(7) != proposals(8)
+    kinds = {k: type(d).__name__ for k, d in search._space.items()}
+    assert kinds == {"attack.eps": "FloatDistribution", "attack.steps": "CategoricalDistribution",
+                     "attack.alpha": "FloatDistribution", "method.lam": "FloatDistribution"}
+    assert search._space["method.lam"].log
+    _, (search, _), sched = built("tune.search_alg=bohb")
+    assert isinstance(search, TuneBOHB) and isinstance(sched, HyperBandForBOHB)
+    _, _, sched = built("tune.scheduler.name=fifo")
+    assert isinstance(sched, FIFOScheduler)
+
+
+def test_asha_replay_matches_rays_asha_scheduler():
+    """tune.replay's rule against Ray's own ASHAScheduler, fed the same results trial after trial,
+    with rungs on epochs and on a compute counter that grows at a different rate per trial."""
+    import random
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune.replay import AshaRule, replay_asha
+
+    rng = random.Random(0)
+    trials = []
+    for i in range(30):
+        steps, level = rng.choice([1, 3, 5]), rng.random()
+        history, m = [], level
+        for e in range(1, 10):
+            m += rng.gauss(0.02, 0.05)
+            history.append({"epoch": e, "compute": 100 * e * (1 + steps), "objective": m})
+        trials.append({"trial_id": f"t{i:02d}", "history": history})
+    for time_attr, max_t, grace in (("epoch", 9, 1), ("compute", 5400, 600), ("compute", 5400, 150)):
+        ray_sched = ASHAScheduler(time_attr=time_attr, metric="objective", mode="max", max_t=max_t,
+                                  grace_period=grace, reduction_factor=3)
+        ray_epochs = {}
+        for t in trials:
+            trial = Trial("__fake", stub=True)
+            ray_sched.on_trial_add(None, trial)
+            ran = 0
+            for h in t["history"]:
+                ran += 1
+                if ray_sched.on_trial_result(None, trial, dict(h)) == "STOP":
+                    break
+            ray_epochs[t["trial_id"]] = ran
+        ours = replay_asha(trials, AshaRule(grace, 3, max_t), "objective", time_attr, max_epochs=9)
+        assert ours["epochs_ran"] == ray_epochs, time_attr
+        assert ours["trial_epochs"] == sum(ray_epochs.values()) < 9 * len(trials)  # it stopped some
+        finals = [t["history"][8]["objective"] for t in trials if ray_epochs[t["trial_id"]] == 9]
+        assert ours["full_budget_trials"] == len(finals) and ours["best"] == max(finals)
