@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import os
 import platform
 import shlex
 import sys
@@ -48,6 +50,23 @@ def fixture_from_sweep(sweep_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
             "trials": trials}
 
 
+def live_meta(cfg: dict[str, Any], base: list[str], overrides: list[str], sweep_dir: str, trials: int,
+              wall_s: float) -> dict[str, Any]:
+    """What the fixture says about the sweep it came from: command, budget, wall time, date."""
+    method, model = cfg["method"], cfg["model"]
+    return {"command": "python benchmarks/asha_vs_grid.py --live " + " ".join(shlex.quote(o) for o in overrides),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(wall_s, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (nice 19)",
+            "sweep_dir": sweep_dir, "base_overrides": base,
+            "budget": {"configurations": trials, "epochs": int(method["train"]["epochs"]),
+                       "method": method["name"], "data": cfg["data"]["name"], "model": model["arch"],
+                       "model_width": model["width"], "batch_size": method["train"]["batch_size"],
+                       "teacher_epochs": cfg["teacher"]["method"]["train"]["epochs"],
+                       "objective": cfg["tune"]["objective"], "monitor_val_attack": cfg["monitor"]["val_attack"]},
+            "compute_unit": "cumulative training images x (1 + training PGD steps), the worker's `compute`"}
+
+
 def run_live(overrides: list[str], out: Path) -> int:
     """Run the full-budget (FIFO) grid sweep through tune.search and write its histories to `out`."""
     from tune.search import compose_sweep, run_sweep
@@ -62,19 +81,8 @@ def run_live(overrides: list[str], out: Path) -> int:
         print(f"error: the sweep has {summary['unfinished']} unfinished and {summary['errors']} errored "
               "trial(s); run the same command again to finish it (no fixture written)", file=sys.stderr)
         return 1
-    method, model = cfg["method"], cfg["model"]
-    meta = {"command": "python benchmarks/asha_vs_grid.py --live " + " ".join(shlex.quote(o) for o in overrides),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(wall, 1),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, shared (nice 19)",
-            "sweep_dir": summary["sweep_dir"], "base_overrides": base,
-            "budget": {"configurations": summary["trials"], "epochs": int(method["train"]["epochs"]),
-                       "method": method["name"], "data": cfg["data"]["name"], "model": model["name"],
-                       "model_width": model["width"], "batch_size": method["train"]["batch_size"],
-                       "teacher_epochs": cfg["teacher"]["method"]["train"]["epochs"],
-                       "objective": cfg["tune"]["objective"], "monitor_val_attack": cfg["monitor"]["val_attack"]},
-            "compute_unit": "cumulative training images x (1 + training PGD steps), the worker's `compute`"}
-    fixture = fixture_from_sweep(summary["sweep_dir"], meta)
+    fixture = fixture_from_sweep(summary["sweep_dir"], live_meta(cfg, base, overrides, summary["sweep_dir"],
+                                                                 summary["trials"], wall))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(fixture, indent=1) + "\n")
     print(f"wrote {out}: {len(fixture['trials'])} trials, sweep wall time {wall / 60:.1f} min")
@@ -121,6 +129,46 @@ def replay(sweep: dict[str, Any], time_attr: str, grace_period: float, reduction
     return replay_asha(sweep["trials"], rule, sweep["metric"], time_attr, max_epochs)
 
 
+def scan(sweep: dict[str, Any], grid: dict[str, Any], attrs: tuple[str, ...], orders: int) -> list[dict[str, Any]]:
+    """R and G for grace periods 1-3 x reduction factors 2-4: in trial-id order, and over `orders`
+    random arrival orders (ASHA's outcome depends on which trials reach a rung first)."""
+    import random
+    import statistics
+
+    sign = 1 if sweep["mode"] == "max" else -1
+    rows = []
+    for time_attr in attrs:
+        for gp in (1, 2, 3):
+            for rf in (2, 3, 4):
+                res = replay(sweep, time_attr, gp, rf)
+                shuffled = []
+                for seed in range(orders):
+                    order = list(sweep["trials"])
+                    random.Random(seed).shuffle(order)
+                    shuffled.append(replay({**sweep, "trials": order}, time_attr, gp, rf))
+                gaps = [100 * sign * (grid["best"] - r["best"]) if r["best"] is not None else math.inf
+                        for r in shuffled]
+                rows.append({"time_attr": time_attr, "grace_period": gp, "reduction_factor": rf,
+                             "R": res["trial_epochs"] / grid["trial_epochs"], "compute_ratio": res["compute"] / grid["compute"],
+                             "G": 100 * sign * (grid["best"] - res["best"]) if res["best"] is not None else math.inf,
+                             "R_median": statistics.median(r["trial_epochs"] for r in shuffled) / grid["trial_epochs"],
+                             "G_median": statistics.median(gaps),
+                             "goal_share": sum(g <= 1.0 and r["trial_epochs"] <= 0.4 * grid["trial_epochs"]
+                                               for g, r in zip(gaps, shuffled)) / max(orders, 1)})
+    return rows
+
+
+def print_scan(rows: list[dict[str, Any]], orders: int) -> None:
+    print(f"\nsettings scan (id order | median over {orders} random trial orders | share of orders meeting "
+          "R <= 0.40 and G <= 1.0):")
+    print(f"{'time_attr':>9s} {'grace':>5s} {'rf':>3s} {'R':>5s} {'compute':>7s} {'G':>6s} | {'R med':>5s} "
+          f"{'G med':>6s} | {'goal':>5s}")
+    for r in rows:
+        print(f"{r['time_attr']:>9s} {r['grace_period']:5d} {r['reduction_factor']:3d} {r['R']:5.2f} "
+              f"{r['compute_ratio']:7.2f} {r['G']:6.2f} | {r['R_median']:5.2f} {r['G_median']:6.2f} | "
+              f"{r['goal_share']:5.0%}")
+
+
 def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
@@ -161,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-period", type=float, default=1, help="ASHA's grace period, in epochs (default 1)")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA's reduction factor (default 3)")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--scan", type=int, default=0, metavar="ORDERS",
+                   help="also scan grace periods 1-3 x reduction factors 2-4 over ORDERS random trial orders")
     p.add_argument("overrides", nargs="*", help="--live: Hydra overrides of the sweep")
     args = p.parse_args(argv)
     if args.live:
@@ -194,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = (f"grace period {args.grace_period:g} epoch(s), reduction factor {args.reduction_factor:g}; "
                 f"rungs at epochs {[round(r, 3) for r in asha['epoch']['rungs']]}"
                 + (f", compute rungs {[round(r) for r in asha['compute']['rungs']]}" if has_compute else ""))
+    if args.scan:
+        print_scan(scan(sweep, grid, attrs, args.scan), args.scan)
     res = report(sweep, grid, asha, settings)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
