@@ -426,12 +426,14 @@ def test_optuna_sweep_restores_its_searcher_and_is_analysed(optuna_sweep, tmp_pa
     after = optuna_sweep["after"]
     # the restored searcher went on counting: 3 samples in all, not 3 more
     assert len(after) == 3 and set(after.values()) == {"TERMINATED"}, after
-    states = sorted(path.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    assert states, "Tune saved no searcher state"
+    states = sorted(path.glob("searcher-state-*.pkl"))  # one per session, named by its start time
+    assert len(states) == 2, states  # the interrupted session's and the restored one's
     with open(states[-1], "rb") as f:
         state = pickle.load(f)
     study = state["_ot_study"]  # OptunaSearch's own state: TPE saw every trial, before and after
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    with open(states[0], "rb") as f:  # at the interruption: what the restored searcher started from
+        assert 1 <= len(pickle.load(f)["_ot_study"].trials) < 3
     meta = json.loads((path / "sweep.json").read_text())
     assert meta["search_alg"] == "optuna" and meta["time_attr"] == "compute" and meta["scheduler_max_t"] == 10240
     per_image_pass = set()  # compute = epochs x train images x (1 + that trial's PGD steps)
