@@ -633,11 +633,13 @@ class Scheduler(Section):
     """Trial scheduler."""
 
     name: Literal["asha", "fifo"] = "asha"
-    """asha: early stopping; fifo: every trial runs its full budget"""
+    """asha: early stopping (HyperBandForBOHB with tune.search_alg=bohb); fifo: every trial runs its full budget"""
     grace_period: PositiveInt = 1
-    """epochs before a trial can be stopped"""
+    """tune.time_attr units before a trial can be stopped (epochs, or compute)"""
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
     """ASHA keeps 1/reduction_factor of the trials at each rung"""
+    max_t: PositiveInt | None = None
+    """a trial's budget in tune.time_attr units (null: method.train.epochs; required for compute)"""
     brackets: PositiveInt = 1
     """ASHA brackets"""
 
@@ -664,7 +666,11 @@ class Tune(Section):
     num_samples: PositiveInt = 1
     """sampled configurations"""
     seed: NonNegInt = 0
-    """sampling seed"""
+    """sampling seed (random sampling, TPE, BOHB)"""
+    search_alg: Literal["random", "optuna", "bohb"] = "random"
+    """random: sampling; optuna: TPE (OptunaSearch); bohb: TuneBOHB with its HyperBandForBOHB"""
+    time_attr: Literal["epoch", "compute"] = "epoch"
+    """the scheduler's budget axis: epochs, or compute = cumulative images x (1 + training PGD steps)"""
     scheduler: Scheduler = Field(default_factory=Scheduler)
     """trial scheduler"""
     max_concurrent_trials: PositiveInt | None = None

@@ -191,17 +191,21 @@ def _fake_full_budget_sweep(root, curves: dict[str, list[float]]) -> None:
 
 
 def test_asha_vs_grid_replay_follows_ashas_rule(tmp_path):
-    # In trial-id order with rungs 1 and 2 (rf 2): a continues (first at each rung); b is below a at
-    # rung 1 (cut-off = median of [0.5, 0.3] = 0.4) -> stops after 1 epoch; c is above the median at
-    # both rungs -> full budget; d is below the rung-1 median of [0.5, 0.3, 0.6, 0.2] -> stops at 1.
+    # In trial-id order with rungs 1 and 2 (rf 2), each result against the median of what the rung
+    # recorded before it (Ray's rule): a continues (first at each rung); b is below [0.5] at rung 1
+    # -> stops after 1 epoch; c is above the median of [0.5, 0.3] and of [0.6] -> full budget; d is
+    # below the rung-1 median of [0.5, 0.3, 0.6] -> stops at 1.
     _fake_full_budget_sweep(tmp_path / "sw", {"a": [0.5, 0.6, 0.7, 0.8], "b": [0.3, 0.9, 0.95, 0.99],
                                               "c": [0.6, 0.7, 0.8, 0.85], "d": [0.2, 0.3, 0.4, 0.5]})
     out = tmp_path / "res.json"
-    stdout = _run(["benchmarks/asha_vs_grid.py", "--simulate", str(tmp_path / "sw"), "--json", str(out)], timeout=120)
+    stdout = _run(["benchmarks/asha_vs_grid.py", "--simulate", str(tmp_path / "sw"), "--reduction-factor", "2",
+                   "--json", str(out)], timeout=120)
     res = json.loads(out.read_text())
-    assert res["grid"] == {"trials": 4, "trial_epochs": 16, "full_budget_trials": 4, "best": 0.99}
-    assert res["asha"]["rungs"] == [1, 2]
-    assert res["asha"]["trial_epochs"] == 4 + 1 + 4 + 1 and res["asha"]["full_budget_trials"] == 2
-    assert res["asha"]["best"] == 0.85  # the late bloomer b is what ASHA gives up
-    assert res["ratio_trial_epochs"] == 10 / 16
-    assert "ratio ASHA/grid: trial-epochs 0.62x" in stdout
+    grid, asha = res["grid"], res["asha"]["epoch"]
+    assert {k: grid[k] for k in ("trials", "trial_epochs", "full_budget_trials", "best")} == \
+        {"trials": 4, "trial_epochs": 16, "full_budget_trials": 4, "best": 0.99}
+    assert asha["rungs"] == [1, 2, 4] and "compute" not in res["asha"]  # these histories report no compute
+    assert asha["trial_epochs"] == 4 + 1 + 4 + 1 and asha["full_budget_trials"] == 2
+    assert asha["best"] == 0.85  # the late bloomer b is what ASHA gives up
+    assert res["epoch"]["trial_epochs_ratio"] == 10 / 16
+    assert stdout.splitlines()[-1] == "asha/grid trial-epochs ratio 0.62, best-objective gap 14.00 points"

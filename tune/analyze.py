@@ -1,12 +1,13 @@
 """Analyse a sweep folder written by `python -m tune.search`.
 
-    python -m tune.analyze <sweep dir> [--out DIR] [--top N]
+    python -m tune.analyze <sweep dir> [--out DIR] [--top N] [--x epoch|compute]
 
 Writes into the sweep folder (or --out):
     leaderboard.csv       one row per trial: status, epochs run, ASHA-stopped?, metric, val clean/robust
                           accuracy, the (effective) hyper-parameters, the last checkpoint
     best.json             the best trial and a ready-to-run `python -m trainer.run ...` command
-    learning_curves.png   the metric per epoch for every trial, ASHA rungs and stopping points marked
+    learning_curves.png   the metric per epoch (or per unit of compute: --x) for every trial, ASHA rungs
+                          (when on that axis) and stopping points marked
     pareto.png            val robust vs clean accuracy (last epoch of each trial) with the Pareto front
     param_effects.png     the metric against each searched hyper-parameter
 Ranking: trials that ran the full budget (max_t epochs) first, then by their last reported metric
@@ -91,7 +92,7 @@ def load_sweep(sweep_dir: str | Path) -> dict[str, Any]:
         last = history[-1] if history else {}
         trials.append({"trial_id": tid, "dir": str(d), "status": statuses.get(tid, "UNKNOWN"),
                        "params": params, "effective": _effective(params, space), "history": history,
-                       "epochs": int(last.get("epoch", 0)), "metric": last.get(metric),
+                       "epochs": int(last.get("epoch", 0)), "compute": last.get("compute"), "metric": last.get(metric),
                        "val_clean_acc": last.get("val_clean_acc"), "val_robust_acc": last.get("val_robust_acc"),
                        "checkpoint_path": last.get("checkpoint_path")})
     max_t = int(meta.get("max_t") or max([t["epochs"] for t in trials] or [0]))
@@ -126,7 +127,7 @@ def leaderboard_rows(sw: dict[str, Any]) -> list[dict[str, Any]]:
     for rank, t in enumerate(sw["trials"], 1):
         row = {"rank": rank, "trial_id": t["trial_id"], "status": t["status"], "epochs": t["epochs"],
                "asha_stopped": t["stopped_early"], sw["metric"]: t["metric"],
-               "val_clean_acc": t["val_clean_acc"], "val_robust_acc": t["val_robust_acc"]}
+               "val_clean_acc": t["val_clean_acc"], "val_robust_acc": t["val_robust_acc"], "compute": t["compute"]}
         for k in keys:
             row[k] = t["effective"].get(k)
         row["checkpoint_path"] = t["checkpoint_path"]
@@ -205,24 +206,39 @@ def _plt():
     return plt
 
 
-def asha_rungs(meta: dict[str, Any], max_t: int) -> list[float]:
-    sched = (meta.get("tune") or {}).get("scheduler") or {}
-    if sched.get("name", "asha") != "asha":
-        return []
+def asha_rungs(meta: dict[str, Any], max_t: float) -> list[float]:
+    """ASHA's rungs (one bracket) in the scheduler's time_attr units: grace_period x rf^k <= max_t."""
+    tune = meta.get("tune") or {}
+    sched = tune.get("scheduler") or {}
+    if sched.get("name", "asha") != "asha" or tune.get("search_alg", "random") == "bohb":
+        return []  # FIFO stops nothing; BOHB's HyperBand brackets are not ASHA's rungs
     gp, rf = int(sched.get("grace_period", 1)), float(sched.get("reduction_factor", 2))
     n = int(math.log(max_t / gp) / math.log(rf) + 1) if max_t >= gp else 0
     return [gp * rf ** k for k in range(n)]
 
 
-def plot_learning_curves(sw: dict[str, Any], path: Path) -> None:
+def curve_axis(sw: dict[str, Any], x: str | None) -> str:
+    """The learning curves' x axis: `x`, else the sweep's time_attr; compute needs it in the results."""
+    axis = x or sw["meta"].get("time_attr") or "epoch"
+    if axis == "compute" and any(h.get("compute") is None for t in sw["trials"] for h in t["history"]):
+        raise ValueError("--x compute: this sweep's results have no `compute` (made before the worker "
+                         "reported it); use --x epoch")
+    return axis
+
+
+def plot_learning_curves(sw: dict[str, Any], path: Path, x: str | None = None) -> None:
     plt = _plt()
+    axis = curve_axis(sw, x)
     fig, ax = plt.subplots(figsize=(8, 5))
     cmap = plt.get_cmap("tab20")
-    for rung in asha_rungs(sw["meta"], sw["max_t"]):
+    # Rungs are in the scheduler's units: drawn only on that axis.
+    on_rung_axis = axis == (sw["meta"].get("time_attr") or "epoch")
+    rungs = asha_rungs(sw["meta"], sw["meta"].get("scheduler_max_t") or sw["max_t"]) if on_rung_axis else []
+    for rung in rungs:
         ax.axvline(rung, color="0.8", ls="--", lw=1, zorder=0)
     stopped_label = full_label = False
     for i, t in enumerate(sw["trials"]):
-        xs = [r["epoch"] for r in t["history"] if sw["metric"] in r]
+        xs = [r[axis] for r in t["history"] if sw["metric"] in r]
         ys = [r[sw["metric"]] for r in t["history"] if sw["metric"] in r]
         if not xs:
             continue
@@ -236,10 +252,12 @@ def plot_learning_curves(sw: dict[str, Any], path: Path) -> None:
             ax.plot(xs[-1], ys[-1], "*", color=c, mec="k", ms=14,
                     label=None if full_label else "full budget")
             full_label = True
-    ax.set_xlabel("epoch (ASHA rungs dashed)")
+    rungs_note = " (ASHA rungs dashed)" if rungs else ""
+    ax.set_xlabel(("epoch" if axis == "epoch" else "compute: images x (1 + PGD steps), cumulative") + rungs_note)
     ax.set_ylabel(f"{sw['metric']} (val)")
     ax.set_title(f"Learning curves: {len(sw['trials'])} trials, max {sw['max_t']} epochs")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    if axis == "epoch":
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
@@ -353,8 +371,9 @@ def plot_param_effects(sw: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- entry
 
 def analyze(sweep_dir: str | Path, out: str | Path | None = None, top: int | None = 20,
-            log=print) -> dict[str, Any]:
+            log=print, x: str | None = None) -> dict[str, Any]:
     sw = load_sweep(sweep_dir)
+    curve_axis(sw, x)  # a bad axis fails before anything is written
     out_dir = Path(out) if out else Path(sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = leaderboard_rows(sw)
@@ -364,8 +383,9 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, top: int | Non
             w.writeheader()
             w.writerows(rows)
     files = {"leaderboard": str(out_dir / "leaderboard.csv")}
-    for name, fn in (("learning_curves", plot_learning_curves), ("pareto", plot_pareto),
-                     ("param_effects", plot_param_effects)):
+    plot_learning_curves(sw, out_dir / "learning_curves.png", x)
+    files["learning_curves"] = str(out_dir / "learning_curves.png")
+    for name, fn in (("pareto", plot_pareto), ("param_effects", plot_param_effects)):
         fn(sw, out_dir / f"{name}.png")
         files[name] = str(out_dir / f"{name}.png")
     n_stopped = sum(t["stopped_early"] for t in sw["trials"])
@@ -400,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="folder for the table and plots (default: the sweep folder)")
     p.add_argument("--top", type=int, default=20, help="rows printed (all are in the CSV)")
+    p.add_argument("--x", choices=("epoch", "compute"), default=None,
+                   help="learning curves' x axis (default: the sweep's tune.time_attr)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        analyze(a.sweep_dir, a.out, a.top)
-    except FileNotFoundError as e:
+        analyze(a.sweep_dir, a.out, a.top, x=a.x)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

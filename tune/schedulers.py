@@ -1,4 +1,4 @@
-"""Trial schedulers: ASHA whose rungs survive a restore, or FIFO (every trial runs its budget)."""
+"""Trial schedulers: ASHA whose rungs survive a restore, BOHB's HyperBand, or FIFO (every trial runs its budget)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,11 +34,33 @@ class ReplayASHA(ASHAScheduler):
                 bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
 
 
+def scheduler_max_t(cfg: Mapping[str, Any]) -> int:
+    """A trial's budget in `tune.time_attr` units: `tune.scheduler.max_t`, else the epochs."""
+    return int(cfg["tune"]["scheduler"]["max_t"] or cfg["method"]["train"]["epochs"])
+
+
 def make_scheduler(cfg: Mapping[str, Any]):
-    """ASHA on epochs (`time_attr="epoch"`, so a resumed trial keeps its rungs), or FIFO."""
-    sched = cfg["tune"]["scheduler"]
+    """ASHA on `tune.time_attr` (epochs, or the worker's cumulative `compute`) whose rungs survive a
+    restore; HyperBandForBOHB for `tune.search_alg=bohb` (epochs); or FIFO."""
+    t = cfg["tune"]
+    sched = t["scheduler"]
     if sched["name"] == "fifo":
         return FIFOScheduler()
-    return ReplayASHA(time_attr="epoch", max_t=int(cfg["method"]["train"]["epochs"]),
-                      grace_period=int(sched["grace_period"]), reduction_factor=float(sched["reduction_factor"]),
-                      brackets=int(sched["brackets"]))
+    if t["search_alg"] == "bohb":
+        from ray.tune.schedulers import HyperBandForBOHB
+
+        return HyperBandForBOHB(time_attr="epoch", max_t=scheduler_max_t(cfg),
+                                reduction_factor=float(sched["reduction_factor"]))
+    return ReplayASHA(time_attr=t["time_attr"], max_t=scheduler_max_t(cfg), grace_period=int(sched["grace_period"]),
+                      reduction_factor=float(sched["reduction_factor"]), brackets=int(sched["brackets"]))
+
+
+def describe_scheduler(cfg: Mapping[str, Any]) -> str:
+    """One phrase for the progress line: which scheduler, on which axis, with which budget."""
+    t, sched = cfg["tune"], cfg["tune"]["scheduler"]
+    if sched["name"] == "fifo":
+        return f"FIFO (every trial runs {cfg['method']['train']['epochs']} epochs)"
+    if t["search_alg"] == "bohb":
+        return f"HyperBandForBOHB on epochs (max_t={scheduler_max_t(cfg)}, reduction factor {sched['reduction_factor']:g})"
+    return (f"ASHA on {t['time_attr']} (max_t={scheduler_max_t(cfg)}, grace period {sched['grace_period']}, "
+            f"reduction factor {sched['reduction_factor']:g})")

@@ -8,14 +8,18 @@
 Each trial is a Tune function trainable that launches the configured method's pre-training stage
 (`trainer.recipes.stage_payload` + `trainer.launch.run_train_stage`, a Ray Train run over
 `cluster.num_workers` workers) with `TuneReportCallback`: every epoch's `ray.train.report` is one
-Tune result, so ASHA's rungs are epochs (`time_attr="epoch"`). The metric is the validation
-monitor's (`monitor.robust_every`, trainer/evaluation/monitor.py): clean/PGD accuracy of a linear
-probe on the held-out val split under a fixed attack, combined by `tune.objective`.
+Tune result. ASHA's rungs are on `tune.time_attr`: `epoch`, or `compute` (the worker's cumulative
+images x (1 + training PGD steps), so a 10-step trial spends its rung budget 2.75x faster than a
+3-step one). The metric is the validation monitor's (`monitor.robust_every`,
+trainer/evaluation/monitor.py): clean/PGD accuracy of a linear probe on the held-out val split
+under a fixed attack, combined by `tune.objective`. Points come from `tune.search_alg`
+(tune/searchers.py): random sampling, Optuna's TPE, or BOHB with its HyperBand scheduler.
 
 The sweep lives in `<cluster.storage_path>/<tune.name>`; running the same command again restores it
 (`Tuner.restore`): finished trials are kept, unfinished ones restart and their Train runs resume
 from their own last checkpoint (run name = `<sweep>-<trial id>`). ASHA's rungs are rebuilt from the
-restored trials' results (Tune does not save scheduler state). A DeACL sweep trains its teacher
+restored trials' results (Tune does not save scheduler state); the searcher's state (TPE's or
+BOHB's model) is saved by Tune in the sweep folder and restored with it. A DeACL sweep trains its teacher
 once, as a recipe stage of its own (`trainer.recipes.run_stage`), before the trials.
 """
 from __future__ import annotations
@@ -36,7 +40,8 @@ from trainer.launch import init_ray, run_train_stage, use_gpu
 from trainer.recipes import initial_artifacts, plan, preflight, run_stage, stage_payload
 from trainer.worker import pretrain_loop
 from tune.analyze import read_jsonl, trial_statuses
-from tune.schedulers import make_scheduler
+from tune.schedulers import describe_scheduler, make_scheduler, scheduler_max_t
+from tune.searchers import check_search_config, make_searcher
 from tune.space import apply_params, check_space, param_space
 
 SWEEP_FILE = "sweep.json"
@@ -79,16 +84,35 @@ def check_sweep_config(cfg: Mapping[str, Any]) -> None:
     """The rules a sweep adds to a run's (space, budget and metric against the config)."""
     t = cfg["tune"]
     check_space(t["space"], cfg)
-    epochs = int(cfg["method"]["train"]["epochs"])
-    gp = t["scheduler"]["grace_period"]
-    if gp > epochs:
-        raise ConfigError(f"tune.scheduler.grace_period={gp!r} is invalid: must be an integer in "
-                          f"[1, method.train.epochs={epochs}]")
+    check_search_config(t)
+    check_budget(cfg)
     if t["metric"] in VAL_METRICS and cfg["monitor"]["robust_every"] != 1:
         raise ConfigError(f"monitor.robust_every={cfg['monitor']['robust_every']!r} is invalid for a sweep on "
                           f"{t['metric']}: must be 1 (ASHA compares trials at every epoch rung)")
     if cfg["recipe"] == "evaluate":
         raise ConfigError("recipe=evaluate cannot be swept")
+
+
+def check_budget(cfg: Mapping[str, Any]) -> None:
+    """Grace period and max_t in `tune.time_attr` units: epochs (max_t <= the epochs), or compute
+    (max_t required: its scale depends on the data and the attack)."""
+    t, epochs = cfg["tune"], int(cfg["method"]["train"]["epochs"])
+    gp, max_t = t["scheduler"]["grace_period"], t["scheduler"]["max_t"]
+    if t["time_attr"] == "epoch":
+        if max_t is not None and max_t > epochs:
+            raise ConfigError(f"tune.scheduler.max_t={max_t!r} is invalid: must be an integer in "
+                              f"[1, method.train.epochs={epochs}] (or null) with tune.time_attr=epoch")
+        if gp > (max_t or epochs):
+            raise ConfigError(f"tune.scheduler.grace_period={gp!r} is invalid: must be an integer in "
+                              f"[1, {'tune.scheduler.max_t' if max_t else 'method.train.epochs'}={max_t or epochs}]")
+        return
+    if max_t is None and t["scheduler"]["name"] == "asha":
+        raise ConfigError("tune.scheduler.max_t=None is invalid with tune.time_attr=compute: give the budget in "
+                          "compute units (training images x (1 + PGD steps), e.g. epochs x train images x 4 for "
+                          "3-step PGD)")
+    if max_t is not None and gp > max_t:
+        raise ConfigError(f"tune.scheduler.grace_period={gp!r} is invalid: must be an integer in "
+                          f"[1, tune.scheduler.max_t={max_t}]")
 
 
 def sweep_name(cfg: Mapping[str, Any]) -> str:
@@ -150,6 +174,7 @@ def trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None, sweep: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # BOHB's numpy scalars
     cfg = validate({**apply_params(base, params, base["tune"]["space"]), "run_name": f"{sweep}-{trial_id}"})
     stage = next(s for s in plan(cfg) if s.kind == "pretrain" and s.name != "teacher")
     payload = stage_payload(cfg, stage, initial_artifacts(cfg))
@@ -200,16 +225,15 @@ def write_sweep_file(path: str, meta: Mapping[str, Any]) -> None:
 def make_tuner(cfg: Mapping[str, Any], trainable: Any, meta: Mapping[str, Any], exists: bool,
                callbacks: list | None):
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     t, path, name = cfg["tune"], meta["sweep_dir"], meta["sweep_name"]
-    if exists:
+    if exists:  # the searcher's state comes back from the sweep folder, the scheduler from tuner.pkl
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=bool(t["retry_errored"]))
-    search = BasicVariantGenerator(random_state=int(t["seed"]), max_concurrent=meta["max_concurrent_trials"])
+    search, limit = make_searcher(t, meta["max_concurrent_trials"])
     return tune.Tuner(
         trainable, param_space=param_space(t["space"]),
         tune_config=tune.TuneConfig(metric=meta["metric"], mode=meta["mode"], scheduler=make_scheduler(cfg),
-                                    search_alg=search, num_samples=int(t["num_samples"]),
+                                    search_alg=search, max_concurrent_trials=limit, num_samples=int(t["num_samples"]),
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=name, storage_path=path[: -len(name)].rstrip("/"), callbacks=callbacks or [],
@@ -239,14 +263,15 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
     meta = {"sweep_name": name, "sweep_dir": path, "base_overrides": base_overrides,
             "teacher_checkpoint": base["teacher"]["checkpoint"] if base["method"]["name"] == "deacl" else None,
             "metric": t["metric"], "mode": t["mode"], "max_t": int(cfg["method"]["train"]["epochs"]),
+            "search_alg": t["search_alg"], "time_attr": t["time_attr"], "scheduler_max_t": scheduler_max_t(cfg),
             "space": t["space"], "tune": t, "max_concurrent_trials": max_concurrent(cfg, ray.cluster_resources(), gpu),
             "per_trial": per_trial_resources(cfg, gpu), "config": base}
     write_sweep_file(path, meta)
     reported = reported_epochs(path) if exists else {}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, base=base, sweep=name, reported=reported),
                                     {"cpu": 0.01})
-    log(f"[tune] sweep {name}: {t['num_samples']} sample(s) over {', '.join(t['space'])}; ASHA on epochs "
-        f"(max_t={meta['max_t']}); metric {meta['metric']} ({meta['mode']}); {meta['max_concurrent_trials']} "
+    log(f"[tune] sweep {name}: {t['num_samples']} sample(s) over {', '.join(t['space'])} ({t['search_alg']}); "
+        f"{describe_scheduler(cfg)}; metric {meta['metric']} ({meta['mode']}); {meta['max_concurrent_trials']} "
         f"trial(s) at once, each {meta['per_trial']}; {'restoring' if exists else 'new'} at {path}")
     t0 = time.time()
     with signals.phase(f"sweep {name}"), signals.delegated_to_tune():
@@ -267,7 +292,9 @@ def show_plan(cfg: Mapping[str, Any], base_overrides: list[str]) -> None:
     t = cfg["tune"]
     print(json.dumps({"sweep_dir": sweep_dir(cfg), "base_overrides": base_overrides, "space": t["space"],
                       "metric": t["metric"], "mode": t["mode"], "max_t": cfg["method"]["train"]["epochs"],
-                      "scheduler": t["scheduler"], "num_samples": t["num_samples"], "config": cfg},
+                      "search_alg": t["search_alg"], "time_attr": t["time_attr"],
+                      "scheduler_max_t": scheduler_max_t(cfg), "scheduler": describe_scheduler(cfg),
+                      "num_samples": t["num_samples"], "config": cfg},
                      indent=2, default=str))
 
 

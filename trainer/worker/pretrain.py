@@ -113,7 +113,10 @@ def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochH
     seconds = time.perf_counter() - t0
     report = all_reduce_mean({k: v / max(steps, 1) for k, v in sums.items()}, ctx)
     report.update(epoch=epoch + 1, lr=state.scheduler.get_last_lr()[0], epoch_time_s=seconds,
-                  images_per_s=n_images * ctx.world_size / max(seconds, 1e-9))
+                  images_per_s=n_images * ctx.world_size / max(seconds, 1e-9),
+                  # cumulative images x (1 + training PGD steps): Tune's `time_attr=compute` budget
+                  compute=(state.history[-1].get("compute", 0) if state.history else 0)
+                  + n_images * ctx.world_size * (1 + state.method.attack.steps))
     return report, {"step_loop_s": seconds, "data_wait_s": wait, "images": n_images * ctx.world_size}
 
 
