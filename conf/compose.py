@@ -211,7 +211,33 @@ def _under_output_dir(value: Any, out: str) -> Any:
     return value
 
 
+# Options added after runs existed, left out of the hash while they are off, so that adding an
+# evaluation does not rename (and so retrain) every earlier run: dotted key -> the sub-key whose
+# null turns it off ("": the key itself).
+OFF_WHEN_NULL = {"eval.data": "", "eval.corruptions": "root", "eval.blackbox": "surrogate"}
+
+
+def _without_off_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(cfg)
+    for dotted, switch in OFF_WHEN_NULL.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                break
+            child = dict(node[key])  # copied on the way down: the caller's config is left as it is
+            node[key] = child
+            node = child
+        else:
+            value = node.get(leaf, 0)
+            off = value is None if not switch else isinstance(value, dict) and value.get(switch) is None
+            if off:
+                del node[leaf]
+    return out
+
+
 def _hash(keep: Mapping[str, Any]) -> str:
+    keep = _without_off_options(keep)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conf import ConfigError, compose, schema, validate
+from conf import ConfigError, compose, config_hash, schema, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,20 @@ def test_run_name_is_deterministic_and_config_dependent(tmp_path):
     b = compose(_base(tmp_path))["run_name"]
     c = compose(_base(tmp_path) + ["method.lam=1.0"])["run_name"]
     assert a == b != c
+
+
+def test_evaluation_options_that_are_off_leave_run_names_alone(tmp_path):
+    """Options added later (transfer, corruptions, black-box) are out of the hash while off, so existing runs
+    keep their names (and are reused, not retrained); turning one on makes it another run."""
+    base = compose(_base(tmp_path))["run_name"]
+    # What the default job was named before those options existed (main at 68597b4, and before).
+    assert base == "deacl-digits-8ef31db777"
+    assert compose(_base(tmp_path) + ["eval.corruptions.names=[fog]", "eval.blackbox.n_examples=5"])["run_name"] == base
+    cfg = compose(_base(tmp_path))
+    for section, key in (("corruptions", "root"), ("blackbox", "surrogate")):
+        on = {**cfg, "eval": {**cfg["eval"], section: {**cfg["eval"][section], key: "/data/x"}}}
+        assert config_hash(on) != config_hash(cfg), section
+    assert compose(_base(tmp_path) + ["+data@eval.data=synthetic"])["run_name"] != base
 
 
 @pytest.mark.parametrize("override, key, allowed", [
