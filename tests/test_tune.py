@@ -510,3 +510,16 @@ def test_random_vs_tpe_benchmark(tmp_path):
             assert spent == sorted(spent) and spent[-1] >= 60 and best == sorted(best)
             assert all(b <= res["grid_best"] for b in best)
     assert mpimg.imread(png).shape[0] > 200
+
+
+def test_trials_hyperband_left_paused_count_as_done_under_bohb(monkeypatch, tmp_path):
+    """HyperBandForBOHB pauses the trials it stops at a rung and never resumes them: a finished BOHB sweep
+    is not 'interrupted'. Under ASHA / random a PAUSED trial is unfinished work."""
+    import tune.search as search
+
+    statuses = {"a": "TERMINATED", "b": "PAUSED", "c": "PAUSED", "d": "ERROR"}
+    monkeypatch.setattr(search, "trial_statuses", lambda path: statuses)
+    assert search.unfinished_trials(str(tmp_path), "bohb") == 0
+    assert search.unfinished_trials(str(tmp_path), "random") == 2
+    statuses["e"] = "RUNNING"
+    assert search.unfinished_trials(str(tmp_path), "bohb") == 1

@@ -198,11 +198,13 @@ def reported_epochs(path: str) -> dict[str, int]:
     return out
 
 
-def unfinished_trials(path: str) -> int:
-    """Trials neither TERMINATED nor ERROR in the sweep's newest state (0 when unreadable)."""
+def unfinished_trials(path: str, search_alg: str = "random") -> int:
+    """Trials neither TERMINATED nor ERROR in the sweep's newest state (0 when unreadable). Under BOHB a
+    PAUSED trial is one HyperBandForBOHB stopped at a rung and never resumed: it is done, not unfinished."""
     if "://" in path:
         return 0
-    return sum(1 for s in trial_statuses(path).values() if s not in ("TERMINATED", "ERROR"))
+    done = ("TERMINATED", "ERROR", "PAUSED") if search_alg == "bohb" else ("TERMINATED", "ERROR")
+    return sum(1 for s in trial_statuses(path).values() if s not in done)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -276,7 +278,7 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
     t0 = time.time()
     with signals.phase(f"sweep {name}"), signals.delegated_to_tune():
         grid = make_tuner(cfg, trainable, meta, exists, callbacks).fit()
-    unfinished = unfinished_trials(path)
+    unfinished = unfinished_trials(path, t["search_alg"])
     if signals.received() is not None:  # Tune saved the experiment state: the line, then 128 + signal
         raise signals.interrupted(f"sweep {name} with {unfinished} unfinished trial(s)")
     if unfinished:
