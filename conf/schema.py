@@ -532,6 +532,8 @@ class Debug(Section):
     """wait before dying (Ray registers a checkpoint on its next 2 s poll)"""
     nonfinite_at_epoch: PositiveInt | None = None
     """N: the loss of epoch N is made NaN (the run must stop cleanly)"""
+    slow_checkpoint_write_s: NonNegFloat = 0.0
+    """sleep after each file of a checkpoint's upload into storage (widens the window a kill lands in)"""
 
 
 class Cluster(Section):

@@ -151,6 +151,163 @@ def test_debug_keys_are_validated(tmp_path):
         _tiny_cfg(tmp_path, tmp_path / "data", **{"cluster.debug.fail_at_epoch": "0"})
 
 
+# ------------------------------------------------ checkpoint integrity (fast, no Ray)
+
+
+def _write_checkpoint(directory: Path, epoch: int, manifest: bool = True) -> Path:
+    """A checkpoint folder as TrainState.save writes one: model.pt, state.pt, then manifest.json."""
+    from trainer.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, write_manifest
+
+    directory.mkdir(parents=True)
+    atomic_save({"encoder": {"w": torch.full((64,), float(epoch))}}, directory / MODEL_FILE)
+    atomic_save({"epoch": epoch, "optimizer": {"m": torch.arange(256.0) * epoch}}, directory / STATE_FILE)
+    if manifest:
+        write_manifest(directory, epoch=epoch, config_hash="abc")
+    return directory
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero_fill(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def test_manifest_catches_truncated_zero_filled_and_missing_files(tmp_path):
+    from trainer.checkpoint import MANIFEST_FILE, verify_checkpoint
+
+    ckpt = _write_checkpoint(tmp_path / "c", 3)
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    assert manifest["epoch"] == 3 and manifest["config_hash"] == "abc"
+    assert set(manifest["files"]) == {"model.pt", "state.pt"}
+    assert verify_checkpoint(ckpt) is None
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # no temporaries left behind
+    size = (ckpt / "state.pt").stat().st_size
+    _truncate(ckpt / "state.pt")
+    assert verify_checkpoint(ckpt) == (f"state.pt: {size // 2} bytes, the manifest says {size} "
+                                       "(truncated or partly written)")
+    _zero_fill(ckpt / "model.pt")  # same size: only the hash can tell
+    (ckpt / "state.pt").unlink()
+    assert verify_checkpoint(ckpt) == "model.pt: sha256 differs from the manifest (overwritten or zero-filled)"
+    (ckpt / "model.pt").unlink()
+    assert verify_checkpoint(ckpt) == "model.pt: missing"
+    (ckpt / MANIFEST_FILE).write_text('{"files": ')
+    assert verify_checkpoint(ckpt) == "manifest.json: unreadable (JSONDecodeError)"
+    (ckpt / MANIFEST_FILE).unlink()
+    assert verify_checkpoint(ckpt) == "manifest.json: missing"
+
+
+def test_checkpoint_without_manifest_is_accepted_if_it_loads(tmp_path):
+    from trainer.checkpoint import verify_checkpoint
+
+    legacy = _write_checkpoint(tmp_path / "old", 2, manifest=False)
+    assert verify_checkpoint(legacy, legacy_ok=True) is None
+    _zero_fill(legacy / "state.pt")
+    assert verify_checkpoint(legacy, legacy_ok=True).startswith("state.pt: cannot be loaded (")
+
+
+def test_damaged_folders_are_renamed_never_deleted(tmp_path):
+    from trainer.checkpoint import MOVED_FILE, damaged_name, move_aside, verify_checkpoint
+
+    ckpt = _write_checkpoint(tmp_path / "checkpoint_1", 1)
+    assert damaged_name(ckpt) == tmp_path / "checkpoint_1.damaged-1"
+    (tmp_path / "checkpoint_1.damaged-1").mkdir()
+    assert move_aside(ckpt, "state.pt: missing") == tmp_path / "checkpoint_1.damaged-2"
+    assert not ckpt.exists() and (tmp_path / "checkpoint_1.damaged-2" / "state.pt").exists()
+    again = _write_checkpoint(tmp_path / "checkpoint_1", 1)
+    dest = move_aside(again, "model.pt: missing", placeholder=True)
+    assert dest.name == "checkpoint_1.damaged-3" and (dest / "model.pt").exists()
+    assert sorted(p.name for p in again.iterdir()) == [MOVED_FILE]  # for Ray's bookkeeping
+    assert verify_checkpoint(again, legacy_ok=True) == ("MOVED_ASIDE.txt: moved aside earlier "
+                                                        "(to checkpoint_1.damaged-3: model.pt: missing)")
+
+
+def _ray_run_dir(root: Path, epochs: int, registered: int) -> tuple[Path, list[Path]]:
+    """A Ray Train run folder: `epochs` checkpoints, the last `registered` of them in Ray's snapshot."""
+    from trainer.worker.resume import SNAPSHOT_FILE
+
+    run = root / "ray_results" / "run-train"
+    ckpts = [_write_checkpoint(run / f"checkpoint_2026-12-02_10-00-0{e}.000000", e) for e in range(1, epochs + 1)]
+    names = [c.name for c in ckpts[:registered]]
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names],
+                "latest_checkpoint_result": {"checkpoint_dir_name": names[-1], "metrics": {}}}
+    (run / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    return run, ckpts
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    from trainer.checkpoint import MOVED_FILE
+    from trainer.worker.resume import PARTIAL_PREFIX, choose_checkpoint
+
+    run, ckpts = _ray_run_dir(tmp_path, epochs=4, registered=3)  # epoch 4: uploaded, never registered
+    (run / (PARTIAL_PREFIX + "checkpoint_2026-12-02_10-00-05.000000")).mkdir()  # a half-done upload
+    _truncate(ckpts[2] / "state.pt")
+    lines: list[str] = []
+    assert choose_checkpoint(ckpts[2], run, lines.append) == ckpts[1]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"checkpoint {ckpts[2]} is damaged (state.pt: ") \
+        and lines[0].endswith(f"moved aside to {ckpts[2].name}.damaged-1; resuming from the older {ckpts[1].name}")
+    assert lines[1].startswith("removed 2 checkpoint folder(s) Ray never registered")
+    assert (run / f"{ckpts[2].name}.damaged-1" / "state.pt").exists()  # kept for inspection
+    assert sorted(p.name for p in ckpts[2].iterdir()) == [MOVED_FILE]  # Ray's snapshot still lists it
+    assert not ckpts[3].exists() and not any(p.name.startswith(PARTIAL_PREFIX) for p in run.iterdir())
+    # Ray hands the placeholder out again if the worker dies before the next registration.
+    lines.clear()
+    assert choose_checkpoint(ckpts[2], run, lines.append) == ckpts[1]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"checkpoint {ckpts[2]} was damaged and moved aside earlier (to {ckpts[2].name}.damaged-1: state.pt: ")
+    assert lines[0].endswith(f"; resuming from the older {ckpts[1].name}")
+    assert len(list(run.glob("*.damaged-*"))) == 1  # not moved twice
+    # Nothing intact left: the stage starts from scratch, saying so.
+    _zero_fill(ckpts[1] / "model.pt")
+    _truncate(ckpts[0] / "model.pt")
+    lines.clear()
+    assert choose_checkpoint(ckpts[2], run, lines.append) is None
+    assert len(lines) == 3 and "model.pt: sha256 differs" in lines[1] and "model.pt: " in lines[2]
+    assert lines[-1].endswith("no intact checkpoint is left: the stage starts from scratch")
+    assert len(list(run.glob("*.damaged-*"))) == 3
+
+
+def test_damaged_run_folder_is_moved_aside_and_recopied_or_rerun(tmp_path):
+    """Problem 7: a finished stage is reused only if its run-folder files verify."""
+    from trainer.checkpoint import verify_checkpoint
+    from trainer.recipes import STAGE_FILE, Stage, copy_checkpoint_dir, reusable_stage, stage_record
+
+    out = tmp_path / "out"
+    ray_run, ckpts = _ray_run_dir(out, epochs=2, registered=2)
+    stage, stage_dir = Stage("train", "pretrain", method={"name": "simclr"}), out / "run" / "train"
+
+    def finish() -> None:
+        copy_checkpoint_dir(ckpts[-1], stage_dir)
+        info = {"model_path": str(stage_dir / "model.pt"), "metrics": {"epoch": 2}, "ray_path": str(ray_run)}
+        (stage_dir / STAGE_FILE).write_text(json.dumps(stage_record(info, stage_dir, str(out))))
+
+    finish()
+    lines: list[str] = []
+    assert reusable_stage(stage, stage_dir, lines.append)["model_path"] == str(stage_dir / "model.pt")
+    assert lines == [] and (stage_dir / "manifest.json").exists()
+    _zero_fill(stage_dir / "model.pt")  # the Ray run's final checkpoint is intact: recopied, no Ray
+    info = reusable_stage(stage, stage_dir, lines.append)
+    assert info["metrics"] == {"epoch": 2} and verify_checkpoint(stage_dir) is None
+    assert lines == [f"[recipe] stage train: {stage_dir} is damaged (model.pt: sha256 differs from the manifest "
+                     f"(overwritten or zero-filled)); moved aside to train.damaged-1 and recopied from the Ray "
+                     f"checkpoint {ckpts[-1]}"]
+    assert (out / "run" / "train.damaged-1" / "model.pt").read_bytes() == bytes((stage_dir / "model.pt").stat().st_size)
+    _truncate(ckpts[-1] / "state.pt")  # now the Ray checkpoint is damaged too: the stage runs again
+    _truncate(stage_dir / "state.pt")
+    lines.clear()
+    assert reusable_stage(stage, stage_dir, lines.append) is None and not stage_dir.exists()
+    assert len(lines) == 1 and lines[0].endswith("moved aside to train.damaged-2; the stage runs again")
+    finish_dir = out / "run" / "evaluate"  # an unreadable stage.json
+    finish_dir.mkdir()
+    (finish_dir / STAGE_FILE).write_text("{")
+    lines.clear()
+    assert reusable_stage(Stage("evaluate", "evaluate"), finish_dir, lines.append) is None
+    assert lines == [f"[recipe] stage evaluate: {finish_dir} is damaged (stage.json: unreadable (JSONDecodeError)); "
+                     "moved aside to evaluate.damaged-1; the stage runs again"]
+
+
 # ------------------------------------------------------------------------------------- slow
 
 
@@ -319,3 +476,85 @@ def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 2 and third.stderr.startswith("config error: run folder") \
         and "config hash" in third.stderr and "Traceback" not in third.stderr, third.stderr
+
+
+def _worker_log(capfd, wanted: str, timeout: float = 20) -> str:
+    """What the workers printed so far (Ray forwards their output to this process asynchronously)."""
+    log, t0 = "", time.time()
+    while True:
+        got = capfd.readouterr()
+        log += got.out + got.err
+        if wanted in log or time.time() - t0 > timeout:
+            return log
+        time.sleep(0.5)
+
+
+def _live_checkpoints(run: Path) -> list[Path]:
+    from trainer.worker.resume import is_checkpoint_dir
+
+    return sorted(p for p in run.iterdir() if is_checkpoint_dir(p))
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoints_fall_back_to_an_older_one(ray_local, data_dir, tmp_path, capfd):
+    """Problem 1: the newest checkpoint of an unfinished stage truncated and the one before zero-filled;
+    the rerun says so in one line each, moves both aside, resumes from the oldest and finishes. Ray's
+    own bookkeeping survives the moved folders (a further crash and restart, num_to_keep deletions)."""
+    from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, verify_checkpoint
+    from trainer.launch import run_train_stage
+    from trainer.recipes import plan, run_stage
+    from trainer.worker import pretrain_loop
+    from trainer.worker.resume import registered_checkpoints
+
+    keep = {"method.train.epochs": "4", "cluster.num_workers": "1", "cluster.checkpoints_to_keep": "3",
+            "cluster.max_failures": "0"}
+    first = _tiny_cfg(tmp_path, data_dir, **keep, **{"cluster.debug.fail_at_epoch": "4"})
+    name = first["run_name"] + "-train"
+    with pytest.raises(Exception):  # the worker dies in epoch 4, no restarts: the stage is unfinished
+        run_train_stage(first, _stage(first), pretrain_loop, name)
+    run = Path(first["cluster"]["storage_path"]) / name
+    ckpts = [run / n for n in registered_checkpoints(run)]
+    assert [json.loads((c / MANIFEST_FILE).read_text())["epoch"] for c in ckpts] == [1, 2, 3]
+    _truncate(ckpts[2] / STATE_FILE)
+    _zero_fill(ckpts[1] / MODEL_FILE)
+
+    # A rerun that crashes again in epoch 2, before it registers anything: Ray's snapshot still lists
+    # the two moved folders (placeholders stand in for them).
+    second = _tiny_cfg(tmp_path, data_dir, **keep, **{"cluster.debug.fail_at_epoch": "2"})
+    assert second["run_name"] == first["run_name"]  # debug keys are not part of the run's identity
+    capfd.readouterr()
+    with pytest.raises(Exception):
+        run_train_stage(second, _stage(second), pretrain_loop, name)
+    log = _worker_log(capfd, "[train] resumed after epoch 1")
+    damaged = [line for line in log.splitlines() if " is damaged (" in line]
+    assert len(damaged) == 2, log[-3000:]
+    assert f"checkpoint {ckpts[2]} is damaged (state.pt: " in damaged[0] \
+        and damaged[0].endswith(f"(truncated or partly written)); moved aside to {ckpts[2].name}.damaged-1")
+    assert damaged[1].endswith(f"checkpoint {ckpts[1]} is damaged (model.pt: sha256 differs from the manifest "
+                               f"(overwritten or zero-filled)); moved aside to {ckpts[1].name}.damaged-1; "
+                               f"resuming from the older {ckpts[0].name}")
+    assert "[train] resumed after epoch 1 " in log
+
+    cfg = _tiny_cfg(tmp_path, data_dir, **keep)
+    stage_dir = Path(cfg["output_dir"]) / cfg["run_name"] / "train"
+    info = run_stage(cfg, plan(cfg)[0], {}, stage_dir, name)
+    log = _worker_log(capfd, "[train] resumed after epoch 1")
+    earlier = [line for line in log.splitlines() if "was damaged and moved aside earlier" in line]
+    assert len(earlier) == 2 and earlier[-1].endswith(f"resuming from the older {ckpts[0].name}"), log[-3000:]
+    assert info["metrics"]["epoch"] == 4
+    state = torch.load(stage_dir / STATE_FILE, weights_only=True)
+    assert state["epoch"] == 4 and state["resumed_at"] == [1]
+    assert verify_checkpoint(stage_dir) is None  # the run folder got the manifest too
+    live = _live_checkpoints(run)  # checkpoints_to_keep holds; Ray deleted the placeholders itself
+    assert [c.name for c in live] == registered_checkpoints(run) and len(live) == 3
+    assert all(verify_checkpoint(c) is None for c in live)
+    assert sorted(p.name for p in run.glob("*.damaged-*")) == sorted(f"{c.name}.damaged-1" for c in ckpts[1:])
+    assert (run / f"{ckpts[2].name}.damaged-1" / STATE_FILE).stat().st_size < (live[-1] / STATE_FILE).stat().st_size
+
+    # Problem 7: the run folder's model damaged after the stage finished: recopied from Ray's checkpoint.
+    _zero_fill(stage_dir / MODEL_FILE)
+    lines: list[str] = []
+    again = run_stage(cfg, plan(cfg)[0], {}, stage_dir, name, log=lines.append)
+    assert again["metrics"]["epoch"] == 4 and verify_checkpoint(stage_dir) is None
+    assert lines[0].endswith(f"moved aside to train.damaged-1 and recopied from the Ray checkpoint {live[-1]}")
+    assert lines[1].startswith("[recipe] stage train: already complete")
