@@ -9,6 +9,7 @@ arguments (DeACL's teacher) and the identity its checkpoints carry.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from typing import Any, Mapping, Sequence
@@ -114,17 +115,19 @@ def report_epoch(cfg: Mapping[str, Any], state: TrainState, encoder: Encoder, re
     (uploading it atomically on local storage); their seconds."""
     import ray.train
 
-    t = time.perf_counter()
+    t, slow = time.perf_counter(), float(cfg["cluster"]["debug"]["slow_checkpoint_write_s"])
     ranks = state.gather_ranks(ctx)  # a collective: every rank's RNG and BN statistics, before rank 0 writes
     state.end_epoch(report)
     directory = None
     if ctx.is_main:
         directory = new_checkpoint_dir()
         state.save(directory, encoder, cfg, ranks)
+        if slow:  # fault tests: as if each file took `slow` seconds to write (locally, then into storage)
+            time.sleep(slow * len(os.listdir(directory)))
     written = time.perf_counter()
     upload = {}
     if directory and local_storage_dir() is not None:  # atomic into storage: no half-copied checkpoint_*
-        upload["checkpoint_upload_fn"] = atomic_upload(float(cfg["cluster"]["debug"]["slow_checkpoint_write_s"]))
+        upload["checkpoint_upload_fn"] = atomic_upload(slow)
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      **upload)
     if directory:
