@@ -574,6 +574,9 @@ class Debug(Section):
     """wait before dying (Ray registers a checkpoint on its next 2 s poll)"""
     nonfinite_at_epoch: PositiveInt | None = None
     """N: the loss of epoch N is made NaN (the run must stop cleanly)"""
+    slow_checkpoint_write_s: NonNegFloat = 0.0
+    """sleep this long per checkpoint file, after the local write and after each file uploaded into storage
+    (fault tests: epochs longer than Ray's 2 s registration poll, a wide window for a kill mid-write)"""
 
 
 class Cluster(Section):

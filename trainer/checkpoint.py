@@ -1,14 +1,21 @@
 """Checkpoints: `model.pt` (the encoder, loadable anywhere) and `state.pt` (to resume exactly).
 
 Both hold only tensors and plain Python values, so they load with
-`torch.load(weights_only=True)`; both are written to a temporary file and renamed.
+`torch.load(weights_only=True)`. Every file is written atomically (a temporary name, fsync, rename,
+fsync of the folder) and a checkpoint folder ends with `manifest.json` (each file's size and
+sha256, plus the epoch and config hash), written last: `verify_checkpoint` tells a complete folder
+from a truncated, zero-filled or half-copied one, and `move_aside` keeps a damaged one for
+inspection under another name (never deleting it).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -19,13 +26,127 @@ from trainer.models.dual_bn import has_dual_bn, single_bn_state_dict
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+MOVED_FILE = "MOVED_ASIDE.txt"  # left where a damaged folder was moved away from (see move_aside)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename / new entry in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """`path` as a whole or not at all: written under a hidden temporary name, fsynced, renamed,
+    the folder fsynced (a crash or a full disk leaves the old file or none, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def copy_durable(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy one file atomically (temporary name, fsync, rename, fsync of the folder)."""
+    with open(src, "rb") as f:
+        atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, **meta: Any) -> dict[str, Any]:
+    """Record size and sha256 of every file in `directory` (hidden temporaries excluded) in
+    manifest.json, written last and atomically: a folder with a manifest was complete once."""
+    d = Path(directory)
+    files = {}
+    for p in sorted(d.iterdir()):
+        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith("."):
+            size, sha = file_digest(p)
+            files[p.name] = {"size": size, "sha256": sha}
+    manifest = {"version": 1, **meta, "files": files}
+    atomic_write(d / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return manifest
+
+
+def verify_checkpoint(directory: str | os.PathLike, legacy_ok: bool = False) -> str | None:
+    """What is wrong with the checkpoint folder `directory` ("<file>: <what>"), or None if every file
+    its manifest lists is there with the recorded size and sha256. `legacy_ok`: a folder without a
+    manifest (written before manifests existed) passes if each of its .pt files loads."""
+    d = Path(directory)
+    if (d / MOVED_FILE).exists():
+        return f"{MOVED_FILE}: moved aside earlier ({(d / MOVED_FILE).read_text().strip()})"
+    if not (d / MANIFEST_FILE).exists():
+        return _legacy_problem(d) if legacy_ok else f"{MANIFEST_FILE}: missing"
+    try:
+        files = json.loads((d / MANIFEST_FILE).read_text())["files"]
+        expected = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST_FILE}: unreadable ({type(e).__name__})"
+    for name, (size, sha) in expected.items():
+        if not (d / name).is_file():
+            return f"{name}: missing"
+        actual = (d / name).stat().st_size
+        if actual != size:
+            return f"{name}: {actual} bytes, the manifest says {size} (truncated or partly written)"
+        if file_digest(d / name)[1] != sha:
+            return f"{name}: sha256 differs from the manifest (overwritten or zero-filled)"
+    return None
+
+
+def _legacy_problem(d: Path) -> str | None:
+    for p in sorted(d.glob("*.pt")):
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, zero-filled, not a torch file
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            return f"{p.name}: cannot be loaded ({type(e).__name__}: {first})"
+    return None
+
+
+def damaged_name(path: str | os.PathLike) -> Path:
+    """`<name>.damaged-<n>` beside `path`, n the first number not taken."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    n = 1
+    while path.with_name(f"{path.name}.damaged-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.damaged-{n}")
+
+
+def move_aside(path: str | os.PathLike, reason: str, placeholder: bool = False) -> Path:
+    """Rename a damaged file or folder to `damaged_name(path)` (never delete it); returns the new path.
+    `placeholder`: leave an empty folder with MOVED_FILE at the old name, for a bookkeeper that still
+    lists it (Ray's checkpoint manager refuses a snapshot naming a missing folder and fails deleting one)."""
+    path = Path(path)
+    dest = damaged_name(path)
+    os.rename(path, dest)
+    if placeholder:
+        path.mkdir()
+        atomic_write(path / MOVED_FILE, lambda f: f.write(f"to {dest.name}: {reason}\n".encode()))
+    fsync_dir(path.parent)
+    return dest
 
 
 def save_model(path: str | os.PathLike, encoder: Encoder, model_cfg: Mapping[str, Any], stats: str,

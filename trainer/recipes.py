@@ -5,8 +5,9 @@
     evaluate : evaluate an existing checkpoint (checkpoint=...)
 
 `stage_payload` builds what a stage's workers receive and `run_stage` runs a stage once: a stage
-whose `stage.json` exists in its folder is reused, an interrupted one resumes from its last Ray
-checkpoint (same storage path and name). Recipes and Tune sweeps both go through these two.
+whose `stage.json` exists in its folder is reused once its files verify against the folder's
+manifest (a damaged folder is moved aside and recopied from the Ray run or rerun), an interrupted
+one resumes from its last intact Ray checkpoint (same storage path and name). Recipes and Tune sweeps both go through these two.
 
 Resubmitting the same config resumes it: run names derive from the config hash. The run folder
 records that hash (`run.json`); a different config under the same run_name is refused
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,13 @@ from conf.cli import command_line
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer import signals
-from trainer.checkpoint import MODEL_FILE
+from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, copy_durable, move_aside, verify_checkpoint
 from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
 from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
 from trainer.worker.outcome import TrainingFailed
+from trainer.worker.resume import registered_checkpoints
 
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
@@ -136,20 +137,80 @@ def stage_record(info: Mapping[str, Any], stage_dir: Path, output_dir: str) -> d
     return stored
 
 
-def _copy_checkpoint(result: Any, dest: Path) -> None:
-    """The files of a Ray run's final checkpoint into `dest` (each written atomically)."""
+def copy_checkpoint_dir(src: str | os.PathLike, dest: Path) -> None:
+    """The files of a checkpoint folder into `dest`, each atomically, its manifest last; then verified
+    (a full disk or a damaged source stops here, not when the next stage loads the model)."""
     dest.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(src), key=lambda n: (n == MANIFEST_FILE, n)):
+        if not name.startswith("."):
+            copy_durable(os.path.join(src, name), dest / name)
+    problem = verify_checkpoint(dest, legacy_ok=True)
+    if problem:
+        raise RuntimeError(f"copying the checkpoint {src} into {dest} gave a damaged copy ({problem}); "
+                           "check the free disk space and rerun the same command")
+
+
+def _copy_checkpoint(result: Any, dest: Path) -> None:
+    """The files of a Ray run's final checkpoint into `dest` (copy_checkpoint_dir)."""
     with result.checkpoint.as_directory() as d:
-        for name in os.listdir(d):
-            shutil.copy2(os.path.join(d, name), dest / (name + ".tmp"))
-            os.replace(dest / (name + ".tmp"), dest / name)
+        copy_checkpoint_dir(d, dest)
+
+
+def stage_problem(stage_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the record of the finished stage in `stage_dir` or None, what is wrong with the folder or None):
+    an unreadable stage.json, a missing model, a file that fails its manifest (or, without one, does
+    not load)."""
+    try:
+        info = finished_stage(stage_dir)
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # ValueError: JSONDecodeError
+        return None, f"{STAGE_FILE}: unreadable ({type(e).__name__})"
+    if info is None:
+        return None, None
+    model = info.get("model_path")
+    if model and not Path(model).exists():
+        return info, f"{Path(model).name}: missing"
+    return info, verify_checkpoint(stage_dir, legacy_ok=True)
+
+
+def reusable_stage(stage: Stage, stage_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The record of `stage` if its folder holds it finished and intact. A damaged folder is moved aside
+    (`<stage>.damaged-<n>`, never deleted); its models are recopied from the Ray run's final checkpoint
+    when that one verifies, else the stage runs again (None)."""
+    info, problem = stage_problem(stage_dir)
+    if problem is None:
+        return info
+    moved = move_aside(stage_dir, problem)
+    source = final_ray_checkpoint(info) if info is not None and stage.kind == "pretrain" else None
+    if source is not None:
+        copy_checkpoint_dir(source, stage_dir)
+        copy_durable(moved / STAGE_FILE, stage_dir / STAGE_FILE)  # its paths are relative to this folder
+        log(f"[recipe] stage {stage.name}: {stage_dir} is damaged ({problem}); moved aside to {moved.name} "
+            f"and recopied from the Ray checkpoint {source}")
+        return finished_stage(stage_dir)
+    log(f"[recipe] stage {stage.name}: {stage_dir} is damaged ({problem}); moved aside to {moved.name}; "
+        "the stage runs again")
+    return None
+
+
+def final_ray_checkpoint(info: Mapping[str, Any]) -> Path | None:
+    """The newest registered checkpoint of the stage's Ray run if it verifies and holds the stage's last
+    epoch (what its run folder was copied from), else None."""
+    ray_path = Path(str(info.get("ray_path") or ""))
+    names = registered_checkpoints(ray_path) if info.get("ray_path") and ray_path.is_dir() else None
+    if not names:
+        return None
+    newest = ray_path / max(names)
+    if verify_checkpoint(newest) is not None:
+        return None
+    epoch = json.loads((newest / MANIFEST_FILE).read_text()).get("epoch")
+    return newest if epoch == (info.get("metrics") or {}).get("epoch", epoch) else None
 
 
 def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str], stage_dir: Path, run_name: str,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `stage` as one Ray Train run unless `stage_dir` records it finished; returns its record:
     model_path (pretrain), metrics, seconds, ray_path."""
-    info = finished_stage(stage_dir)
+    info = reusable_stage(stage, stage_dir, log)
     if info is not None:
         log(f"[recipe] stage {stage.name}: already complete, reusing {info.get('model_path') or stage_dir}")
         return info

@@ -1,10 +1,14 @@
 """What every Ray Train worker sets up first: Ray Train's context, device, threads, seeds, DDP."""
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import random
+import re
+import shutil
 import tempfile
+import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -72,6 +76,33 @@ def ddp_wrapper(cfg: Mapping[str, Any], ctx: WorkerContext) -> Callable[[nn.Modu
     return wrap
 
 
+CHECKPOINT_DIR_PREFIX = "rssl-ckpt-"
+STALE_CHECKPOINT_DIR_S = 900.0
+
+
 def new_checkpoint_dir() -> str:
-    """A fresh local folder for one checkpoint (Ray copies it into the run's storage on report)."""
-    return tempfile.mkdtemp(prefix="rssl-ckpt-")
+    """A fresh local folder for one checkpoint (Ray copies it into the run's storage on report; the loop
+    removes it after). Its name carries this process's pid: folders left behind by a process that no
+    longer exists (a worker killed mid-write) are removed once they are 15 minutes old (old enough
+    that no other container sharing /tmp can still be writing one under a pid that looks dead here)."""
+    root = tempfile.gettempdir()
+    for path in glob.glob(os.path.join(root, CHECKPOINT_DIR_PREFIX + "*")):
+        match = re.match(rf"{CHECKPOINT_DIR_PREFIX}(\d+)-", os.path.basename(path))
+        try:
+            stale = match and not _alive(int(match.group(1))) and \
+                time.time() - os.path.getmtime(path) > STALE_CHECKPOINT_DIR_S
+        except OSError:  # removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

@@ -9,6 +9,7 @@ arguments (DeACL's teacher) and the identity its checkpoints carry.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from typing import Any, Mapping, Sequence
@@ -23,6 +24,7 @@ from trainer.progress import Progress
 import trainer.worker.outcome as outcome
 from trainer.worker.context import ddp_wrapper, new_checkpoint_dir, setup_worker
 from trainer.worker.hooks import EpochHook, default_hooks
+from trainer.worker.resume import atomic_upload, local_storage_dir, resume_checkpoint
 from trainer.worker.state import TrainState
 from trainer.worker.stop import StopRequest
 from trainer.worker.step import TrainStep, prepare_method
@@ -30,12 +32,11 @@ from trainer.worker.step import TrainStep, prepare_method
 
 def pretrain_loop(config: dict[str, Any], extra_hooks: Sequence[EpochHook] = ()) -> dict[str, Any]:
     """Entry of one pre-training stage on every worker. config = {"cfg": ..., "stage": ...}."""
-    import ray.train
-
     cfg, stage = config["cfg"], config["stage"]
     ctx = setup_worker(cfg)
     state, train_step = build_state(cfg, stage, ctx)
-    checkpoint = ray.train.get_checkpoint()
+    # Ray's latest checkpoint if it verifies, else the newest older one that does (trainer/worker/resume.py)
+    checkpoint = resume_checkpoint(ctx, lambda line: _say(ctx, f"[{stage['name']}] {line}"))
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             problem = state.restore(d, ctx.device, ctx.rank)
@@ -122,18 +123,25 @@ def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochH
 
 def report_epoch(cfg: Mapping[str, Any], state: TrainState, encoder: Encoder, report: dict[str, Any],
                  ctx: WorkerContext) -> dict[str, float]:
-    """Checkpoint (rank 0 writes it, every rank's own state is in it) and `ray.train.report`; their seconds."""
+    """Checkpoint (rank 0 writes it, every rank's own state is in it, manifest last) and `ray.train.report`
+    (uploading it atomically on local storage); their seconds."""
     import ray.train
 
-    t = time.perf_counter()
+    t, slow = time.perf_counter(), float(cfg["cluster"]["debug"]["slow_checkpoint_write_s"])
     ranks = state.gather_ranks(ctx)  # a collective: every rank's RNG and BN statistics, before rank 0 writes
     state.end_epoch(report)
     directory = None
     if ctx.is_main:
         directory = new_checkpoint_dir()
         state.save(directory, encoder, cfg, ranks)
+        if slow:  # fault tests: as if each file took `slow` seconds to write (locally, then into storage)
+            time.sleep(slow * len(os.listdir(directory)))
     written = time.perf_counter()
-    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+    upload = {}
+    if directory and local_storage_dir() is not None:  # atomic into storage: no half-copied checkpoint_*
+        upload["checkpoint_upload_fn"] = atomic_upload(slow)
+    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
+                     **upload)
     if directory:
         shutil.rmtree(directory, ignore_errors=True)
     return {"checkpoint_write_s": written - t, "report_s": time.perf_counter() - written}

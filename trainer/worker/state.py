@@ -8,7 +8,8 @@ loader's colour-augmentation generator included), the epochs at which the run wa
 the history of every epoch's report, and every rank's own state: its RNG streams and its modules'
 buffers (BatchNorm running statistics stay per rank under DDP, and a rank's PGD in eval mode reads
 its own). The loader's position is the epoch count: epoch e's shuffle order is a function of
-(seed, e) and every augmentation of (seed, e, sample index, view).
+(seed, e) and every augmentation of (seed, e, sample index, view). `manifest.json`, written last,
+records each file's size and sha256 (trainer.checkpoint.verify_checkpoint).
 
 Resuming continues exactly: a run resumed from the checkpoint of epoch k (an interrupted epoch k+1
 is restarted from its beginning) ends with the same weights and metrics as the uninterrupted run.
@@ -21,7 +22,8 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, rng_state, save_model, set_rng_state
+from trainer.checkpoint import (MODEL_FILE, STATE_FILE, atomic_save, rng_state, save_model, set_rng_state,
+                                write_manifest)
 from trainer.distributed import WorkerContext
 from trainer.methods import Method
 from trainer.models import Encoder
@@ -80,13 +82,15 @@ class TrainState:
                 "modules": modules, "resumed_at": self.resumed_at, "history": self.history}
 
     def save(self, directory: str, exported: Encoder, cfg: Mapping[str, Any], ranks: list[dict[str, Any]]) -> None:
-        """Rank 0: write model.pt (+ model_full.pt) and state.pt into `directory`."""
+        """Rank 0: write model.pt (+ model_full.pt), state.pt and, last, manifest.json into `directory`."""
         meta = {"method": self.identity["method"], "stage": self.identity["stage"], "epoch": self.epoch}
         stats = cfg["data"]["stats"]
         save_model(os.path.join(directory, MODEL_FILE), exported, cfg["model"], stats, meta)
         if exported is not self.method.encoder:
             save_model(os.path.join(directory, FULL_MODEL_FILE), self.method.encoder, cfg["model"], stats, meta)
         atomic_save(self.state_dict(ranks), os.path.join(directory, STATE_FILE))
+        write_manifest(directory, epoch=self.epoch, config_hash=self.identity["config_hash"],
+                       stage=self.identity["stage"])
 
     # ---------------------------------------------------------------------------------- restoring
     def load_state_dict(self, state: Mapping[str, Any], rank: int) -> None:
