@@ -157,11 +157,7 @@ def sweep(ray_local, tmp_path_factory):
             if self.done >= 4:
                 self._fire("finished")
 
-    os.environ["TUNE_TEST_INTERRUPT"] = "1"
-    try:
-        first = run_sweep(cfg, base, resume="false", callbacks=[Interrupt()], log=lambda m: None)
-    finally:
-        os.environ.pop("TUNE_TEST_INTERRUPT", None)
+    first = _sweep_interrupted_by(Interrupt(), cfg, base)
     statuses = trial_statuses(path)
     before = {tid: _history(path / f"trial_{tid}") for tid in statuses if (path / f"trial_{tid}" / "result.json").exists()}
     finished_before = {tid for tid, s in statuses.items() if s == "TERMINATED"}
@@ -406,11 +402,7 @@ def optuna_sweep(ray_local, tmp_path_factory):
                 os.environ.pop("TUNE_TEST_INTERRUPT")
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    os.environ["TUNE_TEST_INTERRUPT"] = "1"
-    try:
-        first = run_sweep(cfg, base, resume="false", callbacks=[Interrupt()], log=lambda m: None)
-    finally:
-        os.environ.pop("TUNE_TEST_INTERRUPT", None)
+    first = _sweep_interrupted_by(Interrupt(), cfg, base)
     before = trial_statuses(path)
     second = run_sweep(cfg, base, resume="true", log=lambda m: None)
     return {"dir": path, "first": first, "second": second, "before": before, "after": trial_statuses(path)}
@@ -523,3 +515,14 @@ def test_trials_hyperband_left_paused_count_as_done_under_bohb(monkeypatch, tmp_
     assert search.unfinished_trials(str(tmp_path), "random") == 2
     statuses["e"] = "RUNNING"
     assert search.unfinished_trials(str(tmp_path), "bohb") == 1
+
+
+def _sweep_interrupted_by(callback, cfg, base):
+    """A new sweep whose `callback` interrupts it (armed through TUNE_TEST_INTERRUPT, cleared afterwards)."""
+    from tune.search import run_sweep
+
+    os.environ["TUNE_TEST_INTERRUPT"] = "1"
+    try:
+        return run_sweep(cfg, base, resume="false", callbacks=[callback], log=lambda m: None)
+    finally:
+        os.environ.pop("TUNE_TEST_INTERRUPT", None)
