@@ -67,6 +67,17 @@ def copy_durable(src: str | os.PathLike, dest: str | os.PathLike) -> None:
         atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
+def copy_checkpoint_files(src: str | os.PathLike, dest: str | os.PathLike,
+                          after_each: Callable[[], None] | None = None) -> None:
+    """The files of checkpoint folder `src` into the existing folder `dest`, each atomically, the manifest
+    last (a copy cut short has no manifest, so it never verifies); hidden temporaries are skipped."""
+    for name in sorted(os.listdir(src), key=lambda n: (n == MANIFEST_FILE, n)):
+        if not name.startswith("."):
+            copy_durable(os.path.join(src, name), Path(dest) / name)
+            if after_each is not None:
+                after_each()
+
+
 def file_digest(path: str | os.PathLike) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
     h, size = hashlib.sha256(), 0

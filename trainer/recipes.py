@@ -27,7 +27,8 @@ from conf.cli import command_line
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer import signals
-from trainer.checkpoint import MANIFEST_FILE, MODEL_FILE, copy_durable, move_aside, verify_checkpoint
+from trainer.checkpoint import (MANIFEST_FILE, MODEL_FILE, copy_checkpoint_files, copy_durable, move_aside,
+                                verify_checkpoint)
 from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
@@ -141,9 +142,7 @@ def copy_checkpoint_dir(src: str | os.PathLike, dest: Path) -> None:
     """The files of a checkpoint folder into `dest`, each atomically, its manifest last; then verified
     (a full disk or a damaged source stops here, not when the next stage loads the model)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in sorted(os.listdir(src), key=lambda n: (n == MANIFEST_FILE, n)):
-        if not name.startswith("."):
-            copy_durable(os.path.join(src, name), dest / name)
+    copy_checkpoint_files(src, dest)
     problem = verify_checkpoint(dest, legacy_ok=True)
     if problem:
         raise RuntimeError(f"copying the checkpoint {src} into {dest} gave a damaged copy ({problem}); "

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer.checkpoint import MANIFEST_FILE, MOVED_FILE, copy_durable, fsync_dir, move_aside, verify_checkpoint
+from trainer.checkpoint import MOVED_FILE, copy_checkpoint_files, fsync_dir, move_aside, verify_checkpoint
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of its registered checkpoints
 PARTIAL_PREFIX = ".partial-"
@@ -123,11 +123,7 @@ def atomic_upload(delay_s: float = 0.0) -> Callable[[Any, str], Any]:
         partial = final.with_name(PARTIAL_PREFIX + final.name)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        names = sorted(os.listdir(checkpoint.path), key=lambda n: (n == MANIFEST_FILE, n))
-        for name in names:
-            copy_durable(os.path.join(checkpoint.path, name), partial / name)
-            if delay_s:
-                time.sleep(delay_s)
+        copy_checkpoint_files(checkpoint.path, partial, (lambda: time.sleep(delay_s)) if delay_s else None)
         os.rename(partial, final)
         fsync_dir(final.parent)
         return ray.train.Checkpoint(path=str(final), filesystem=storage.storage_filesystem)
