@@ -67,7 +67,7 @@ def test_stop_request_sees_the_marker(tmp_path):
     from trainer.distributed import WorkerContext
     from trainer.worker.stop import StopRequest
 
-    uri = signals.stop_file(str(tmp_path), "run-train")
+    uri = signals.stop_file(f"{tmp_path}/run-train")
     request = StopRequest(uri, WorkerContext(0, 1, None, 1))
     assert not request.requested()
     signals.request_stop(uri)

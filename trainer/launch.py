@@ -103,11 +103,11 @@ def run_train_stage(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Ca
     from trainer import signals
     from trainer.worker.outcome import NonFiniteLossError, RunMismatchError
 
-    stop = signals.stop_file(str(cfg["cluster"]["storage_path"]), run_name)
+    path = trainer_path(cfg, run_name)
+    stop = signals.stop_file(path)
     signals.clear_stop(stop)  # left by an interrupted earlier attempt of this run
     trainer = build_trainer(cfg, {**payload, "stop_file": stop}, loop, run_name, callbacks)
-    result = signals.run_stoppable(lambda: fit(trainer, payload["name"], trainer_path(cfg, run_name)),
-                                   stop if stoppable else None)
+    result = signals.run_stoppable(lambda: fit(trainer, payload["name"], path), stop if stoppable else None)
     outcome = result.return_value if isinstance(result.return_value, dict) else {}
     if outcome.get("status") == "nonfinite":
         last = result.checkpoint.path if result.checkpoint is not None else None

@@ -138,10 +138,10 @@ def delegated_to_tune() -> Iterator[None]:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
 
 
-def stop_file(storage_path: str, run_name: str) -> str:
-    """The stop marker of the Train run `run_name` under `storage_path` (a local path or a URI)."""
-    base = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().absolute())
-    return f"{base.rstrip('/')}/{run_name}/{STOP_FILE}"
+def stop_file(run_path: str) -> str:
+    """The stop marker of the Train run stored at `run_path` (trainer.launch.trainer_path: a local path or a URI)."""
+    base = run_path if "://" in run_path else str(Path(run_path).expanduser().absolute())
+    return f"{base.rstrip('/')}/{STOP_FILE}"
 
 
 def _fs(uri: str) -> tuple[Any, str]:
