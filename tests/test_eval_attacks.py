@@ -146,3 +146,13 @@ def test_autoattack_prints_progress(trained, capsys):
     after = re.search(r"\[stage/slf\] AutoAttack after apgd-ce: robust ([0-9.]+) of 8 images", out)
     assert batch and after, out
     assert float(batch.group(1)) == pytest.approx(float(after.group(1)), abs=1e-3)  # counted from the clean ones
+
+
+def test_progress_totals_count_only_the_batches_a_capped_attack_visits():
+    """The curve's and black-box's progress lines end at 100%: their total is the capped batches, not the split."""
+    from trainer.evaluation.protocols import attacked_batches
+
+    assert attacked_batches(8, None, 32, 1) == 8
+    assert attacked_batches(8, 100, 32, 1) == 4  # 100 images at 32 per batch: 3 full batches and a part
+    assert attacked_batches(8, 100, 32, 2) == 2  # 50 per rank
+    assert attacked_batches(2, 1000, 32, 1) == 2  # the cap is larger than the split
