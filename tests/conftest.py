@@ -14,6 +14,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# and a worker's `ray.train.report` waits for that poll (its result queue holds one): every epoch of
+# a tiny test run took 2 s, its training 0.2 s. The tests poll 4x as often (Ray and its subprocesses
+# inherit this); the one whose claim is about the default poll (test_random_sigkills_...) pins it.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+RAY_DEFAULT_TRAIN_POLL_S = "2.0"
+os.environ.setdefault(TRAIN_POLL_ENV, "0.5")
 
 # Tests run on 2 shared cores: one intra-op thread per process avoids oversubscription.
 import torch  # noqa: E402

@@ -3,7 +3,8 @@
 Fast: RNG streams survive torch.save -> torch.load(weights_only=True); run folders refuse a
 different config. Slow (Ray Train on a local Ray): a worker killed mid-epoch restarts from the
 last checkpoint (at most one epoch lost); a non-finite loss stops the run without retries and
-keeps the last good checkpoint; a stopped job resubmitted with the same command resumes.
+keeps the last good checkpoint. (A stopped job resubmitted with the same command resumes, bit for
+bit: tests/test_signals.py, whose Ctrl-C test makes that run anyway.)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from conftest import RAY_DEFAULT_TRAIN_POLL_S, TRAIN_POLL_ENV, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------- fast
@@ -408,97 +409,6 @@ def test_nonfinite_loss_stops_without_retries_and_keeps_last_good_checkpoint(ray
     print(f"non-finite run stopped in {time.time() - t0:.0f}s")
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before it could be interrupted")
-        if time.time() - t0 > timeout:
-            raise AssertionError("timed out waiting for the first checkpoint")
-        time.sleep(1)
-
-
-def _registered_epochs(stage_dir: Path) -> list[int]:
-    """Epochs of the checkpoints Ray has registered for a run (what a resubmission resumes from)."""
-    snap = stage_dir / "checkpoint_manager_snapshot.json"
-    if not snap.exists():
-        return []
-    try:
-        results = json.loads(snap.read_text())["checkpoint_results"]
-    except (ValueError, KeyError):  # being rewritten
-        return []
-    return [int(r["metrics"]["epoch"]) for r in results]
-
-
-@pytest.mark.slow
-def test_job_interrupted_and_resubmitted_resumes(data_dir, tmp_path):
-    """`python -m trainer.run ...` stopped with Ctrl-C after its first registered checkpoint, then
-    the same command again: the train stage resumes after the last registered epoch (at most the
-    interrupted epoch is redone) and the recipe completes."""
-    from trainer.checkpoint import STATE_FILE
-
-    epochs = 5
-    overrides = tiny_overrides(tmp_path, **{
-        "method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
-        "data.val_fraction": "0.75", "method.train.batch_size": "64", "method.train.optimizer": "sgd",
-        "method.train.lr": "0.1", "method.train.epochs": str(epochs), "cluster.cpus_per_worker": "1",
-        "eval.protocols": "[]"})
-    cmd = [sys.executable, "-m", "trainer.run", *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    show = subprocess.run(cmd + ["--cfg"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    cfg = json.loads(show.stdout)
-    stage_dir = Path(cfg["cluster"]["storage_path"]) / f"{cfg['run_name']}-train"
-    log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(lambda: len(_registered_epochs(stage_dir)) > 0, 400, proc)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C (or a scheduler's stop) does to the driver
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own process group only
-            proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log1.close()
-    run = Path(cfg["output_dir"]) / cfg["run_name"]
-    done = max(_registered_epochs(stage_dir))
-    assert 1 <= done < epochs and not (run / "results.json").exists(), "the first job was not interrupted"
-
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = second.stdout + second.stderr
-    assert second.returncode == 0, log[-5000:]
-    assert f"[train] resumed after epoch {done}" in log, log[-5000:]
-    from trainer.recipes import finished_stage
-
-    info = finished_stage(run / "train")  # stage.json's paths are relative to the stage folder
-    assert info["metrics"]["epoch"] == epochs
-    last = max((p for p in Path(info["ray_path"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-    state = torch.load(last / STATE_FILE, weights_only=True)
-    assert state["epoch"] == epochs and state["resumed_at"] == [done]
-    assert (run / "results.json").exists()
-
-    # Bit for bit what the same command gives uninterrupted (another output folder, same run name).
-    from tests.test_determinism import assert_same_tensors, checkpoint_tensors, metrics
-
-    other = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={tmp_path / 'straight'}"]
-    straight = subprocess.run([sys.executable, "-m", "trainer.run", *other], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-5000:]
-    ref_run = tmp_path / "straight" / cfg["run_name"]
-    assert_same_tensors(checkpoint_tensors(run / "train"), checkpoint_tensors(ref_run / "train"))
-    assert metrics(json.loads((run / "results.json").read_text())["evaluations"]) == \
-        metrics(json.loads((ref_run / "results.json").read_text())["evaluations"])
-
-    # Same run_name, different experiment: refused before anything starts.
-    third = subprocess.run(cmd + ["method.train.lr=0.2", f"run_name={cfg['run_name']}"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert third.returncode == 2 and third.stderr.startswith("config error: run folder") \
-        and "config hash" in third.stderr and "Traceback" not in third.stderr, third.stderr
-
-
 def _worker_log(capfd, wanted: str, timeout: float = 20) -> str:
     """What the workers printed so far (Ray forwards their output to this process asynchronously)."""
     log, t0 = "", time.time()
@@ -665,7 +575,7 @@ class _Killer:
 
 
 @pytest.mark.slow
-def test_random_sigkills_lose_at_most_one_epoch_each(ray_local, data_dir, tmp_path, capfd):
+def test_random_sigkills_lose_at_most_one_epoch_each(ray_local, data_dir, tmp_path, capfd, monkeypatch):
     """Problem 4: 10 SIGKILLs of the worker at random moments (mid-step, mid-checkpoint-write, right
     after a report), Ray restarting it each time: the run finishes, each kill discards at most one
     finished epoch (besides the steps of the one in flight), no restart is handed a damaged checkpoint,
@@ -690,7 +600,9 @@ def test_random_sigkills_lose_at_most_one_epoch_each(ray_local, data_dir, tmp_pa
     t0 = time.time()
     killer.thread.start()
     try:
-        result = run_train_stage(cfg, _stage(cfg), pretrain_loop, name)
+        with monkeypatch.context() as env:  # Ray's default poll: docs/cluster.md's claim is about that one
+            env.setenv(TRAIN_POLL_ENV, RAY_DEFAULT_TRAIN_POLL_S)
+            result = run_train_stage(cfg, _stage(cfg), pretrain_loop, name)
     finally:
         killer.done.set()
         killer.thread.join()

@@ -4,7 +4,8 @@ Slow (a subprocess each, a local Ray in it): SIGINT (to the process group, as Ct
 sends it) and SIGTERM (to the driver only, as a scheduler or `ray job stop` sends it) stop the
 run after the current step with exit status 130 / 143 and one line; the last finished epoch's
 checkpoint is registered (the rerun resumes after it, keeping checkpoints_to_keep folders); a
-second signal stops at once. A RayTrainWorker killed with SIGKILL restarts once by default and
+second signal stops at once; the resumed run ends bit for bit where the same command run
+uninterrupted ends, and the same run_name with another experiment is refused. A RayTrainWorker killed with SIGKILL restarts once by default and
 the run finishes; with cluster.max_failures=0 the run ends with one line naming the stage, the
 epoch and the cause, Ray's traceback in a log file, exit status 1.
 Fast: the driver's handler outside a Train run, the worker's stop poll, the cause phrases.
@@ -21,9 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from conf import compose
 from conftest import ROOT, tiny_overrides
 
+# Enough epochs that a run signalled after epoch 2 is still training when the stop lands (an epoch
+# takes under a second here, the stop comes within about two more), few enough that reruns are short.
+EPOCHS = 16
 LINE = re.compile(r"^interrupted after train epoch (\d+); rerun the same command to resume$", re.M)
 
 
@@ -112,7 +118,7 @@ def _overrides(tmp_path: Path, data_dir: Path, **extra: str) -> list[str]:
     return tiny_overrides(tmp_path, **{
         "method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
         "data.val_fraction": "0.75", "method.train.batch_size": "32", "method.train.optimizer": "sgd",
-        "method.train.lr": "0.1", "method.train.epochs": "40", "cluster.cpus_per_worker": "1",
+        "method.train.lr": "0.1", "method.train.epochs": str(EPOCHS), "cluster.cpus_per_worker": "1",
         "eval.protocols": "[]", **extra})
 
 
@@ -123,9 +129,8 @@ class Job:
         self.cmd = [sys.executable, "-m", "trainer.run", *overrides]
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.log_path = tmp_path / f"{name}.log"
-        cfg = json.loads(subprocess.run(self.cmd + ["--cfg"], cwd=ROOT, env=self.env, capture_output=True,
-                                        text=True, check=True).stdout)
-        self.cfg = cfg
+        # What `--cfg` prints (tests/test_presets.py checks that path): composed here, no second interpreter.
+        self.cfg = cfg = compose(overrides)
         self.ray_dir = Path(cfg["cluster"]["storage_path"]) / f"{cfg['run_name']}-train"
         self.run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=open(self.log_path, "w"),
@@ -169,13 +174,23 @@ def _stop(job: Job, signum: int, to_group: bool) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_after_a_step_registers_the_checkpoint_and_the_rerun_resumes(betons, tmp_path):
+    """Ctrl-C (SIGINT to the process group) after epoch 2: exit 130 and one line, that epoch's
+    checkpoint registered; the same command again resumes after it (only the interrupted epoch is
+    redone), completes, and ends bit for bit where the same command run uninterrupted ends; the same
+    run_name with another experiment is refused before anything starts. (This also covers what
+    test_fault_tolerance's resubmission test checked: one Ray job fewer in the suite.)"""
+    from tests.test_determinism import assert_same_tensors, checkpoint_tensors, metrics
+    from trainer.checkpoint import STATE_FILE
+    from trainer.recipes import finished_stage
+
     job = Job(tmp_path, _overrides(tmp_path, betons), "first")
     rc, log = _stop(job, signal.SIGINT, to_group=True)
     lines = LINE.findall(log)
     assert rc == 130 and len(lines) == 1, log[-3000:]
     done = int(lines[0])
     assert "Traceback" not in log, log[-3000:]
-    assert 2 <= done < 40 and max(_registered_epochs(job.ray_dir)) == done, log[-3000:]
+    assert 2 <= done < EPOCHS and max(_registered_epochs(job.ray_dir)) == done, log[-3000:]
+    assert not (job.run_dir / "results.json").exists(), "the first job was not interrupted"
 
     second = subprocess.run(job.cmd, cwd=ROOT, env=job.env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
@@ -184,6 +199,26 @@ def test_ctrl_c_stops_after_a_step_registers_the_checkpoint_and_the_rerun_resume
     kept = [p for p in job.ray_dir.glob("checkpoint_*") if p.is_dir()]
     assert len(kept) <= int(job.cfg["cluster"]["checkpoints_to_keep"]), kept
     assert (job.run_dir / "results.json").exists()
+    info = finished_stage(job.run_dir / "train")  # stage.json's paths are relative to the stage folder
+    assert info["metrics"]["epoch"] == EPOCHS
+    last = max((p for p in Path(info["ray_path"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    state = torch.load(last / STATE_FILE, weights_only=True)
+    assert state["epoch"] == EPOCHS and state["resumed_at"] == [done]
+
+    # Bit for bit what the same command gives uninterrupted (another output folder, same run name).
+    straight = subprocess.run([sys.executable, "-m", "trainer.run", *_overrides(tmp_path / "straight", betons)],
+                              cwd=ROOT, env=job.env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-5000:]
+    ref_run = tmp_path / "straight" / "out" / job.cfg["run_name"]
+    assert_same_tensors(checkpoint_tensors(job.run_dir / "train"), checkpoint_tensors(ref_run / "train"))
+    assert metrics(json.loads((job.run_dir / "results.json").read_text())["evaluations"]) == \
+        metrics(json.loads((ref_run / "results.json").read_text())["evaluations"])
+
+    # Same run_name, different experiment: refused before anything starts.
+    third = subprocess.run(job.cmd + ["method.train.lr=0.2", f"run_name={job.cfg['run_name']}"], cwd=ROOT,
+                           env=job.env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 2 and third.stderr.startswith("config error: run folder") \
+        and "config hash" in third.stderr and "Traceback" not in third.stderr, third.stderr
 
 
 @pytest.mark.slow
