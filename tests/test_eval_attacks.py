@@ -150,9 +150,10 @@ def test_autoattack_prints_progress(trained, capsys):
 
 def test_progress_totals_count_only_the_batches_a_capped_attack_visits():
     """The curve's and black-box's progress lines end at 100%: their total is the capped batches, not the split."""
-    from trainer.evaluation.protocols import attacked_batches
+    from trainer.evaluation.robustness import attacked_batches, rank_share
 
-    assert attacked_batches(8, None, 32, 1) == 8
-    assert attacked_batches(8, 100, 32, 1) == 4  # 100 images at 32 per batch: 3 full batches and a part
-    assert attacked_batches(8, 100, 32, 2) == 2  # 50 per rank
-    assert attacked_batches(2, 1000, 32, 1) == 2  # the cap is larger than the split
+    assert rank_share(None, 2) is None and rank_share(100, 1) == 100 and rank_share(101, 2) == 51
+    assert attacked_batches(8, None, 32) == 8
+    assert attacked_batches(8, rank_share(100, 1), 32) == 4  # 100 images at 32 per batch: 3 full batches and a part
+    assert attacked_batches(8, rank_share(100, 2), 32) == 2  # 50 per rank
+    assert attacked_batches(2, rank_share(1000, 1), 32) == 2  # the cap is larger than the split

@@ -25,7 +25,7 @@ from trainer.attacks import pgd_config
 from trainer.distributed import WorkerContext, all_reduce_sum
 from trainer.evaluation.features import extract_features
 from trainer.evaluation.probes import LinearProbe, ProbedClassifier, fit_linear_probe
-from trainer.evaluation.robustness import clean_and_pgd_counts
+from trainer.evaluation.robustness import clean_and_pgd_counts, rank_share
 
 def objective_value(clean: float, robust: float, tune_cfg: Mapping[str, Any]) -> float:
     """`tune.objective` of the val accuracies: robust | clean | w * robust + (1 - w) * clean."""
@@ -48,8 +48,7 @@ class ValMonitor:
         self.attack = pgd_config(mon["val_attack"])
         self.probe_steps = int(mon["probe_steps"])
         self.probe_wd = float(mon["probe_weight_decay"])
-        cap = mon["val_max_examples"]
-        self.per_rank_cap = None if cap is None else -(-int(cap) // ctx.world_size)
+        self.per_rank_cap = rank_share(mon["val_max_examples"], ctx.world_size)
         self.num_classes = int(data["num_classes"])
         self.tune_cfg = cfg["tune"]
         self.train_loader, self.val_loader = (

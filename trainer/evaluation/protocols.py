@@ -33,7 +33,7 @@ from trainer.checkpoint import load_encoder
 from trainer.distributed import WorkerContext, all_reduce_mean, all_reduce_sum
 from trainer.evaluation.autoattack import after_key, result_keys, run_autoattack
 from trainer.evaluation.datasets import eval_data, metric_prefix
-from trainer.evaluation.robustness import RobustCounts, clean_and_pgd_counts
+from trainer.evaluation.robustness import RobustCounts, attacked_batches, clean_and_pgd_counts, rank_share
 from trainer.evaluation.shift import measure_blackbox, measure_corruptions
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import Progress
@@ -204,15 +204,6 @@ def sharded_test_loader(data: Mapping[str, Any], ctx: WorkerContext, per_rank: i
                         train=False, distributed=ctx.distributed, drop_last=False)
 
 
-def attacked_batches(n_batches: int, n_examples: int | None, per_rank: int, world_size: int) -> int:
-    """How many batches one rank attacks when at most `n_examples` images are attacked over all ranks:
-    the progress lines' total (the rest of the split is read but not attacked)."""
-    if n_examples is None:
-        return n_batches
-    share = -(-int(n_examples) // world_size)  # this rank's images, rounded up as the attack caps them
-    return min(n_batches, -(-share // per_rank))
-
-
 def pgd_progress(stage: str, what: str, total_batches: int,
                  enabled: bool) -> Callable[[RobustCounts], None] | None:
     """A progress line per attacked batch (rank 0): images done, robust accuracy so far, ETA."""
@@ -260,9 +251,9 @@ def measure_curve(cfg: Mapping[str, Any], ctx: WorkerContext, attacked: nn.Modul
         test = sharded_test_loader(data, ctx, per_rank)
         pgd = pgd_config(cfg["eval"]["pgd"], eps=float(eps), alpha=2.5 * float(eps) / ccfg["steps"],
                          steps=int(ccfg["steps"]))
-        cap = None if ccfg["n_examples"] is None else -(-int(ccfg["n_examples"]) // ctx.world_size)
+        cap = rank_share(ccfg["n_examples"], ctx.world_size)
         show = pgd_progress(stage, f"curve PGD-{pgd.steps} at eps {eps:.4g}",
-                            attacked_batches(len(test), ccfg["n_examples"], per_rank, ctx.world_size), ctx.is_main)
+                            attacked_batches(len(test), cap, per_rank), ctx.is_main)
         counts = all_reduce_sum(clean_and_pgd_counts(attacked, test, pgd, max_examples=cap, on_batch=show).counts(),
                                 ctx)
         out[curve_key(protocol, float(eps))] = counts["robust"] / counts["total"]
@@ -342,7 +333,8 @@ def run_protocol(cfg: Mapping[str, Any], ctx: WorkerContext, model_path: str, pr
     if surrogate:
         source = build_surrogate(cfg, ctx, surrogate, spec, label, wrap)
         test = sharded_test_loader(cfg["data"], ctx, per_rank)
-        attacked = attacked_batches(len(test), cfg["eval"]["blackbox"]["n_examples"], per_rank, ctx.world_size)
+        attacked = attacked_batches(len(test), rank_share(cfg["eval"]["blackbox"]["n_examples"], ctx.world_size),
+                                    per_rank)
         show = pgd_progress(f"{label}/{prefix}", "black-box PGD", attacked, ctx.is_main)
         result.update(measure_blackbox(cfg, ctx, model, source, prefix, f"{label}/{prefix}", test, show))
     if ctx.is_main:

@@ -32,6 +32,18 @@ def as_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
+def rank_share(n_examples: int | None, world_size: int) -> int | None:
+    """One rank's share of an attack capped at `n_examples` images over all ranks (rounded up;
+    None: no cap): the `max_examples` each rank passes to clean_and_pgd_counts."""
+    return None if n_examples is None else -(-int(n_examples) // world_size)
+
+
+def attacked_batches(n_batches: int, rank_cap: int | None, per_rank: int) -> int:
+    """How many of a rank's `n_batches` a capped attack visits (the rest are read, not attacked):
+    the total of its progress lines."""
+    return n_batches if rank_cap is None else min(n_batches, -(-rank_cap // per_rank))
+
+
 def clean_and_pgd_counts(model: nn.Module, batches: Iterable[Any], attack: PGDConfig,
                          max_examples: int | None = None, keep_adversarial: bool = False,
                          on_batch: Callable[[RobustCounts], None] | None = None,

@@ -20,7 +20,7 @@ from torch import nn
 from data_pipeline.sources import corruption_split
 from trainer.attacks import network_mode, pgd_config
 from trainer.distributed import WorkerContext, all_reduce_sum
-from trainer.evaluation.robustness import RobustCounts, clean_and_pgd_counts
+from trainer.evaluation.robustness import RobustCounts, clean_and_pgd_counts, rank_share
 from trainer.progress import Progress
 
 
@@ -79,7 +79,7 @@ def measure_blackbox(cfg: Mapping[str, Any], ctx: WorkerContext, target: nn.Modu
     clean), `<p>_bb_ra` (target, transferred), `<p>_bb_surrogate_ra` (surrogate, white-box), `<p>_bb_n`."""
     bb = cfg["eval"]["blackbox"]
     pgd = pgd_config(cfg["eval"]["pgd"])
-    cap = None if bb["n_examples"] is None else -(-int(bb["n_examples"]) // ctx.world_size)
+    cap = rank_share(bb["n_examples"], ctx.world_size)
     c = clean_and_pgd_counts(surrogate, batches, pgd, max_examples=cap, on_batch=on_batch, evaluate_on=target)
     s = all_reduce_sum({"clean": c.clean, "robust": c.robust, "source": c.source_robust, "total": c.total}, ctx)
     n = max(1.0, s["total"])
