@@ -5,9 +5,10 @@ sends it) and SIGTERM (to the driver only, as a scheduler or `ray job stop` send
 run after the current step with exit status 130 / 143 and one line; the last finished epoch's
 checkpoint is registered (the rerun resumes after it, keeping checkpoints_to_keep folders); a
 second signal stops at once; the resumed run ends bit for bit where the same command run
-uninterrupted ends, and the same run_name with another experiment is refused. A RayTrainWorker killed with SIGKILL restarts once by default and
-the run finishes; with cluster.max_failures=0 the run ends with one line naming the stage, the
-epoch and the cause, Ray's traceback in a log file, exit status 1.
+uninterrupted ends, and the same run_name with another experiment is refused. A RayTrainWorker
+killed with SIGKILL restarts once by default and the run finishes; with cluster.max_failures=0 the
+run ends with one line naming the stage, the epoch and the cause, Ray's traceback in a log file,
+exit status 1.
 Fast: the driver's handler outside a Train run, the worker's stop poll, the cause phrases.
 """
 from __future__ import annotations
