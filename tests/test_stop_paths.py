@@ -14,6 +14,7 @@ Fast: the restored sweep's replay point of a trial without result.json.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -49,6 +50,26 @@ def test_restored_trial_without_result_json_replays_from_epoch_0(tmp_path):
     assert replay_point(reported, "a") == 2 and replay_point(reported, "b") == 0
     assert replay_point(None, "b") is None  # a new sweep: nothing to replay
     assert reported_epochs("s3://bucket/sweep") is None  # unreadable here: nothing replayed
+
+
+def test_a_restored_trials_stored_records_seed_its_new_staging_folder(tmp_path):
+    import pyarrow.fs
+
+    from tune.records import restore_records
+
+    fs = pyarrow.fs.LocalFileSystem()
+    stored, staging = tmp_path / "sweep" / "trial_a", tmp_path / "session" / "trial_a"
+    stored.mkdir(parents=True)
+    (stored / "result.json").write_text('{"epoch": 1}\n')
+    (stored / "progress.csv").write_text("epoch\n1\n")
+    assert restore_records(str(staging), str(stored), fs) == ["result.json", "progress.csv"]
+    assert (staging / "result.json").read_text() == '{"epoch": 1}\n'
+    (staging / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # the same session appended
+    assert restore_records(str(staging), str(stored), fs) == []
+    assert (staging / "result.json").read_text().count("epoch") == 2
+    (stored / "result.json").unlink()  # no stored result.json: every epoch is replayed, so no stale csv
+    assert restore_records(str(tmp_path / "other"), str(stored), fs) == []
+    assert not (tmp_path / "other" / "progress.csv").exists()
 
 
 # ------------------------------------------------------------------------------------- slow
@@ -149,13 +170,15 @@ def test_ctrl_c_stops_every_trial_between_steps_and_the_rerun_repeats_no_epoch(t
     lost = min(trials(), key=lambda t: t.name)  # as if Tune had recorded none of its epochs
     (lost / "result.json").unlink()
 
-    second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-4000:]
+    second = Proc(cmd, tmp_path / "second.log")
+    rc, out = second.finish(timeout=600), second.log()
+    assert rc == 0, out[-4000:]
     for name, epoch in stopped.items():
-        assert re.search(rf"\[train\] resumed after epoch {epoch} ", out), (name, out[-4000:])
-    for t in trials():
+        assert re.search(rf"\[student\] resumed after epoch {epoch} ", out), (name, out[-4000:])
+    for t in trials():  # Tune's records list each epoch once (tune/records.py, replay_point)
         assert _epochs(t / "result.json") == list(range(1, epochs + 1)), (t.name, out[-4000:])
+        with open(t / "progress.csv") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epochs + 1)), t.name
         run = sweep / "train_runs" / f"{sweep.name}-{t.name[len('trial_'):]}"
         assert len(_checkpoint_folders(run)) <= 2  # cluster.checkpoints_to_keep
 

@@ -42,6 +42,7 @@ from trainer.recipes import initial_artifacts, plan, preflight, run_stage, stage
 from trainer.trial_stop import StopTrials, park, stopped_trials, stopping_trials_between_steps
 from trainer.worker import pretrain_loop
 from tune.analyze import read_jsonl, trial_statuses
+from tune.records import KeepTrialRecords
 from tune.schedulers import describe_scheduler, make_scheduler, scheduler_max_t
 from tune.searchers import check_search_config, make_searcher
 from tune.space import apply_params, check_space, param_space
@@ -247,13 +248,15 @@ def write_sweep_file(path: str, meta: Mapping[str, Any]) -> None:
 
 def make_tuner(cfg: Mapping[str, Any], trainable: Any, meta: Mapping[str, Any], exists: bool,
                callbacks: list | None):
-    """A new Tuner (StopTrials first among its callbacks), or the restored one (its callbacks come back with it)."""
+    """A new Tuner (StopTrials and KeepTrialRecords first among its callbacks), or the restored one (its
+    callbacks come back with it)."""
     from ray import tune
 
     t, path, name = cfg["tune"], meta["sweep_dir"], meta["sweep_name"]
     if exists:  # the searcher's state comes back from the sweep folder, the scheduler from tuner.pkl
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=bool(t["retry_errored"]))
     stop = StopTrials(path, functools.partial(trial_markers, meta["config"], name))
+    keep = KeepTrialRecords()  # before Tune's own loggers, which Tune appends after these
     search, limit = make_searcher(t, meta["max_concurrent_trials"])
     return tune.Tuner(
         trainable, param_space=param_space(t["space"]),
@@ -261,8 +264,8 @@ def make_tuner(cfg: Mapping[str, Any], trainable: Any, meta: Mapping[str, Any], 
                                     search_alg=search, max_concurrent_trials=limit, num_samples=int(t["num_samples"]),
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=path[: -len(name)].rstrip("/"), callbacks=[stop, *(callbacks or [])],
-                                  verbose=int(t["verbose"])))
+        run_config=tune.RunConfig(name=name, storage_path=path[: -len(name)].rstrip("/"),
+                                  callbacks=[stop, keep, *(callbacks or [])], verbose=int(t["verbose"])))
 
 
 def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "auto",
