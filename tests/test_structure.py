@@ -32,7 +32,7 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("trainer.methods", 3), ("trainer.evaluation", 3),
     ("trainer.worker", 4),
     ("trainer.launch", 5), ("trainer.recipes", 5), ("trainer.results", 5), ("trainer.grid", 5),
-    ("trainer.seeds", 5), ("trainer.signals", 5),
+    ("trainer.seeds", 5), ("trainer.signals", 5), ("trainer.trial_stop", 5),
     ("trainer.run", 6), ("trainer.evaluate", 6), ("trainer.analyze_representations", 6),
     ("tune", 6), ("benchmarks", 6), ("cluster", 6),
     ("trainer", 2),  # the package's own __init__

@@ -98,7 +98,8 @@ def run_train_stage(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Ca
     Raises NonFiniteLossError / RunMismatchError when the workers stopped for those reasons,
     TrainingFailed when the worker group failed more than cluster.max_failures times, and
     (`stoppable`: `loop` honours the payload's `stop_file`, as pretrain_loop does) a signal's
-    RunStopped after the workers stopped at a safe point (trainer/signals.py).
+    signals.Interrupted after the workers stopped at a safe point (trainer/signals.py); so it does
+    in a Tune trial whose sweep driver wrote the stop marker (trainer/trial_stop.py).
     """
     from trainer import signals
     from trainer.worker.outcome import NonFiniteLossError, RunMismatchError
@@ -122,10 +123,11 @@ def run_train_stage(cfg: Mapping[str, Any], payload: Mapping[str, Any], loop: Ca
     elif stoppable and signals.received() is not None:  # the signal came during the last epoch's report
         stopped_at = (result.metrics or {}).get("epoch", 0)
     if stopped_at is not None:
-        import ray
+        if signals.received() is not None:  # this driver got the signal (not a Tune trial its sweep stopped)
+            import ray
 
-        ray.shutdown()  # now, not at exit: Ray's shutdown chatter would follow the line
-        raise signals.interrupted(f"after {payload['name']} epoch {stopped_at}")
+            ray.shutdown()  # now, not at exit: Ray's shutdown chatter would follow the line
+        raise signals.interrupted(f"after {payload['name']} epoch {stopped_at}", int(stopped_at))
     return result
 
 

@@ -41,8 +41,12 @@ def run_several_seeds(cfg: dict) -> int:
 
     out = run_seeds(cfg)
     print()
-    print(format_seed_table(out["summary"], int(cfg["eval"]["pgd"]["steps"])))
-    print(f"\nresults: {out['dir']}/results.json (csv beside it), {out['figure']}; per seed: "
+    if out["summary"]:
+        print(format_seed_table(out["summary"], int(cfg["eval"]["pgd"]["steps"])))
+    else:
+        print("no evaluation to summarise (eval.protocols is empty)")
+    figure = f", {out['figure']}" if out["figure"] else ""
+    print(f"\nresults: {out['dir']}/results.json (csv beside it){figure}; per seed: "
           + ", ".join(f"seed {s}: {d}" for s, d in out["runs"].items()))
     return 0
 

@@ -14,8 +14,9 @@ Ray installs its own handlers in the driver: `ray.init` a SIGTERM one (sys.exit)
 `fit()` in the main thread a SIGINT one that aborts the run (killing the workers before their last
 checkpoint is registered). The handlers are installed again after `ray.init` (`reinstall`), and
 `run_train_stage` calls `fit()` from a helper thread (`run_stoppable`), where Ray Train installs
-none. During a Tune sweep's `fit()` a first signal runs Tune's own graceful stop instead
-(`delegated_to_tune`).
+none. During a Tune sweep's `fit()` (tune.search, `trainer.run seeds=[...]`, the study) a first
+signal is handed to a delegate (`delegated_to_tune`): trainer/trial_stop.py asks every running
+trial's Train run to stop between steps the same way, then runs Tune's own graceful stop.
 """
 from __future__ import annotations
 
@@ -78,9 +79,18 @@ def exit_status(signum: int | None) -> int:
     return 128 + (signum or signal.SIGINT)
 
 
-def interrupted(where: str) -> RunStopped:
+class Interrupted(RunStopped):
+    """A stop asked for by a signal (or, in a Tune trial, by the sweep driver's stop marker); `epoch`:
+    the last finished epoch of the Train run it stopped (None: it stopped outside one)."""
+
+    def __init__(self, message: str, exit_status: int, epoch: int | None = None) -> None:
+        super().__init__(message, exit_status)
+        self.epoch = epoch
+
+
+def interrupted(where: str, epoch: int | None = None) -> Interrupted:
     """The one line of a run stopped by a signal: `interrupted <where>; rerun the same command to resume`."""
-    return RunStopped(f"interrupted {where}; {RERUN}", exit_status(_state.signum))
+    return Interrupted(f"interrupted {where}; {RERUN}", exit_status(_state.signum), epoch)
 
 
 def handle(signum: int, frame: Any) -> None:
@@ -89,9 +99,7 @@ def handle(signum: int, frame: Any) -> None:
     if _state.signum is None:
         _state.signum = signum
     if _state.count == 1 and _state.delegate is not None and _state.delegate(signum, frame):
-        print(f"[run] {signal.Signals(signum).name}: stopping at a safe point "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-        return
+        return  # the delegate said what it does
     if _state.count == 1 and _state.stop_file:
         request_stop(_state.stop_file)
         print(f"[run] {signal.Signals(signum).name}: stopping after the current training step "
@@ -112,22 +120,16 @@ def phase(label: str) -> Iterator[None]:
 
 
 @contextmanager
-def delegated_to_tune() -> Iterator[None]:
-    """During `Tuner.fit()`: a first signal runs Tune's own graceful stop (it saves the experiment
-    state; its trials stay unfinished and resume on restore). Tune keeps that handler on SIGUSR1;
-    its SIGINT handler is turned off, so that this module sees SIGINT and SIGTERM alike."""
+def delegated_to_tune(delegate: Callable[[int, Any], bool]) -> Iterator[None]:
+    """During `Tuner.fit()`: a first signal goes to `delegate(signum, frame)` (True: it stops the
+    sweep at a safe point; False: stop here, at once). Tune's own SIGINT handler is turned off
+    (TUNE_DISABLE_SIGINT_HANDLER), so that this module sees SIGINT and SIGTERM alike; Tune keeps its
+    graceful stop on SIGUSR1 (`tune_graceful_stop`)."""
     import os
-
-    def tune_stop(signum: int, frame: Any) -> bool:
-        handler = signal.getsignal(signal.SIGUSR1)
-        if not callable(handler) or handler is handle:  # Tune's loop is not running (yet)
-            return False
-        handler(signum, frame)
-        return True
 
     env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    before, _state.delegate = _state.delegate, tune_stop
+    before, _state.delegate = _state.delegate, delegate
     try:
         yield
     finally:
@@ -136,6 +138,16 @@ def delegated_to_tune() -> Iterator[None]:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
+
+
+def tune_graceful_stop(signum: int = signal.SIGUSR1, frame: Any = None) -> bool:
+    """Run Tune's own graceful stop (the handler `tune.run` keeps on SIGUSR1: it ends the loop, saves
+    the experiment state, then ends the trial actors); False when Tune's loop is not running. Main thread."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler) or handler is handle:
+        return False
+    handler(signum, frame)
+    return True
 
 
 def stop_file(run_path: str) -> str:

@@ -25,6 +25,7 @@ once, as a recipe stage of its own (`trainer.recipes.run_stage`), before the tri
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import time
@@ -36,10 +37,12 @@ from conf.cli import CommandLine, cli_main
 from data_pipeline.write import ensure_betons
 from trainer import signals
 from trainer.grid import per_trial_resources, trials_that_fit
-from trainer.launch import init_ray, run_train_stage, use_gpu
+from trainer.launch import init_ray, run_train_stage, trainer_path, use_gpu
 from trainer.recipes import initial_artifacts, plan, preflight, run_stage, stage_payload
+from trainer.trial_stop import StopTrials, park, stopped_trials, stopping_trials_between_steps
 from trainer.worker import pretrain_loop
 from tune.analyze import read_jsonl, trial_statuses
+from tune.records import KeepTrialRecords
 from tune.schedulers import describe_scheduler, make_scheduler, scheduler_max_t
 from tune.searchers import check_search_config, make_searcher
 from tune.space import apply_params, check_space, param_space
@@ -168,8 +171,11 @@ def ensure_teacher(cfg: Mapping[str, Any], where: str, log: Callable[[str], None
 
 
 def trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None, sweep: str = "",
-             reported: dict[str, int] | None = None) -> None:
-    """One trial: base config + sampled params -> one Ray Train pre-training stage, reported to Tune."""
+             reported: dict[str, int] | None = None, experiment: str = "") -> None:
+    """One trial: base config + sampled params -> one Ray Train pre-training stage, reported to Tune.
+
+    `reported` (a restored sweep): the last epoch Tune recorded per trial, absent = none. Stopped
+    between steps by the sweep driver's signal (trainer/trial_stop.py), it waits to be ended."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -178,20 +184,36 @@ def trial_fn(params: dict[str, Any], base: dict[str, Any] | None = None, sweep: 
     cfg = validate({**apply_params(base, params, base["tune"]["space"]), "run_name": f"{sweep}-{trial_id}"})
     stage = next(s for s in plan(cfg) if s.kind == "pretrain" and s.name != "teacher")
     payload = stage_payload(cfg, stage, initial_artifacts(cfg))
-    if reported and trial_id in reported:  # restored sweep: replay epochs Tune did not record
-        payload["reported_epochs"] = reported[trial_id]
-    run_train_stage(cfg, payload, pretrain_loop, cfg["run_name"], callbacks=[TuneReportCallback()])
+    if replay_point(reported, trial_id) is not None:  # restored sweep: replay the epochs Tune did not record
+        payload["reported_epochs"] = replay_point(reported, trial_id)
+    try:
+        run_train_stage(cfg, payload, pretrain_loop, cfg["run_name"], callbacks=[TuneReportCallback()])
+    except signals.Interrupted as stopped:
+        park(experiment, trial_id, stopped.epoch)
+
+
+def replay_point(reported: Mapping[str, int] | None, trial_id: str) -> int | None:
+    """The last epoch Tune recorded for a trial of a restored sweep (`reported`: reported_epochs); 0 for
+    a trial without result.json (Tune recorded none: every epoch of its checkpoint is replayed). None:
+    a new sweep, or one whose records are not readable here (nothing replayed)."""
+    return None if reported is None else int(reported.get(trial_id, 0))
+
+
+def trial_markers(base: Mapping[str, Any], sweep: str, trial: Any) -> list[str]:
+    """The stop marker of a trial's Train run (trial_fn names it `<sweep>-<trial id>`)."""
+    return [signals.stop_file(trainer_path(base, f"{sweep}-{trial.trial_id}"))]
 
 
 def trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def reported_epochs(path: str) -> dict[str, int]:
-    """trial id -> the last epoch in its result.json (what Tune recorded before the interruption)."""
+def reported_epochs(path: str) -> dict[str, int] | None:
+    """trial id -> the last epoch in its result.json (what Tune recorded before the interruption); a
+    trial without one is absent (Tune recorded none of its epochs). None: not readable here (a URI)."""
     out: dict[str, int] = {}
     if "://" in path:
-        return out
+        return None
     for result in Path(path).glob("trial_*/result.json"):
         epochs = [int(r["epoch"]) for r in read_jsonl(result) if "epoch" in r]
         out[result.parent.name[len("trial_"):]] = max(epochs, default=0)
@@ -226,11 +248,15 @@ def write_sweep_file(path: str, meta: Mapping[str, Any]) -> None:
 
 def make_tuner(cfg: Mapping[str, Any], trainable: Any, meta: Mapping[str, Any], exists: bool,
                callbacks: list | None):
+    """A new Tuner (StopTrials and KeepTrialRecords first among its callbacks), or the restored one (its
+    callbacks come back with it)."""
     from ray import tune
 
     t, path, name = cfg["tune"], meta["sweep_dir"], meta["sweep_name"]
     if exists:  # the searcher's state comes back from the sweep folder, the scheduler from tuner.pkl
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=bool(t["retry_errored"]))
+    stop = StopTrials(path, functools.partial(trial_markers, meta["config"], name))
+    keep = KeepTrialRecords()  # before Tune's own loggers, which Tune appends after these
     search, limit = make_searcher(t, meta["max_concurrent_trials"])
     return tune.Tuner(
         trainable, param_space=param_space(t["space"]),
@@ -238,8 +264,8 @@ def make_tuner(cfg: Mapping[str, Any], trainable: Any, meta: Mapping[str, Any], 
                                     search_alg=search, max_concurrent_trials=limit, num_samples=int(t["num_samples"]),
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=path[: -len(name)].rstrip("/"), callbacks=callbacks or [],
-                                  verbose=int(t["verbose"])))
+        run_config=tune.RunConfig(name=name, storage_path=path[: -len(name)].rstrip("/"),
+                                  callbacks=[stop, keep, *(callbacks or [])], verbose=int(t["verbose"])))
 
 
 def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "auto",
@@ -269,18 +295,20 @@ def run_sweep(cfg: dict[str, Any], base_overrides: list[str], resume: str = "aut
             "space": t["space"], "tune": t, "max_concurrent_trials": max_concurrent(cfg, ray.cluster_resources(), gpu),
             "per_trial": per_trial_resources(cfg, gpu), "config": base}
     write_sweep_file(path, meta)
-    reported = reported_epochs(path) if exists else {}
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, base=base, sweep=name, reported=reported),
-                                    {"cpu": 0.01})
+    reported = reported_epochs(path) if exists else None
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, base=base, sweep=name, reported=reported,
+                                                         experiment=path), {"cpu": 0.01})
     log(f"[tune] sweep {name}: {t['num_samples']} sample(s) over {', '.join(t['space'])} ({t['search_alg']}); "
         f"{describe_scheduler(cfg)}; metric {meta['metric']} ({meta['mode']}); {meta['max_concurrent_trials']} "
         f"trial(s) at once, each {meta['per_trial']}; {'restoring' if exists else 'new'} at {path}")
     t0 = time.time()
-    with signals.phase(f"sweep {name}"), signals.delegated_to_tune():
+    with signals.phase(f"sweep {name}"), stopping_trials_between_steps():
         grid = make_tuner(cfg, trainable, meta, exists, callbacks).fit()
+        stopped = stopped_trials()
     unfinished = unfinished_trials(path, t["search_alg"])
     if signals.received() is not None:  # Tune saved the experiment state: the line, then 128 + signal
-        raise signals.interrupted(f"sweep {name} with {unfinished} unfinished trial(s)")
+        raise signals.interrupted(f"sweep {name} with {unfinished} unfinished trial(s), {len(stopped)} of them "
+                                  "stopped after their last finished epoch")
     if unfinished:
         log(f"[tune] sweep interrupted with {unfinished} unfinished trial(s); run the same command again "
             "(or add resume=true) to continue it")
