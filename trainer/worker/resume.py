@@ -30,7 +30,8 @@ from pathlib import PurePosixPath
 from typing import Any, Callable
 
 from trainer.checkpoint import MANIFEST_FILE, MOVED_FILE, copy_checkpoint_files, move_aside, verify_checkpoint
-from trainer.storage import delete_dir, exists, fs_path, is_dir, list_dir, location, make_dir, move_dir, read_bytes
+from trainer.storage import (delete_dir, exists, fs_path, is_dir, is_local, list_dir, location, make_dir, move_dir,
+                             read_bytes)
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of its registered checkpoints
 PARTIAL_PREFIX = ".partial-"
@@ -77,7 +78,9 @@ def choose_checkpoint(given: str | os.PathLike, run_dir: str | os.PathLike, say:
     candidates = [given] + [run_dir / n for n in sorted(set(names), reverse=True) if n < given.name]
     chosen, lines = None, []
     for path in candidates:
-        problem = verify_checkpoint(path, legacy_ok=True, fs=fs)
+        # Remote storage moves a folder file by file, so one without its manifest may be a move cut
+        # short: never chosen there (one from before manifests existed is moved aside too, kept).
+        problem = verify_checkpoint(path, legacy_ok=is_local(fs), fs=fs)
         if problem is None:
             chosen = path
             break
@@ -132,16 +135,23 @@ def atomic_upload(delay_s: float = 0.0) -> Callable[[Any, str], Any]:
     def upload(checkpoint: Any, dir_name: str) -> Any:
         storage = ray.train.get_context().get_storage()
         fs = storage.storage_filesystem
-        final = fs_path(storage.build_checkpoint_path_from_name(dir_name), fs)
-        partial = final.with_name(PARTIAL_PREFIX + final.name)
-        delete_dir(fs, partial)
-        make_dir(fs, partial)
-        copy_checkpoint_files(checkpoint.path, partial, (lambda: time.sleep(delay_s)) if delay_s else None,
-                              src_fs=checkpoint.filesystem, dest_fs=fs)
-        move_dir(fs, partial, final, last=MANIFEST_FILE)
+        final = upload_checkpoint(checkpoint.path, storage.build_checkpoint_path_from_name(dir_name), fs,
+                                  checkpoint.filesystem, (lambda: time.sleep(delay_s)) if delay_s else None)
         return ray.train.Checkpoint(path=str(final), filesystem=fs)
 
     return upload
+
+
+def upload_checkpoint(src: str | os.PathLike, final: str | os.PathLike, fs: Any, src_fs: Any = None,
+                      after_each: Callable[[], None] | None = None) -> PurePosixPath:
+    """Copy the checkpoint folder `src` to `final` on `fs` whole (what `atomic_upload` does); `final`."""
+    final = fs_path(final, fs)
+    partial = final.with_name(PARTIAL_PREFIX + final.name)
+    delete_dir(fs, partial)
+    make_dir(fs, partial)
+    copy_checkpoint_files(src, partial, after_each, src_fs=src_fs, dest_fs=fs)
+    move_dir(fs, partial, final, last=MANIFEST_FILE)
+    return final
 
 
 def resume_checkpoint(ctx: Any, say: Callable[[str], None]) -> Any | None:
