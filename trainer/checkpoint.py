@@ -5,7 +5,8 @@ Both hold only tensors and plain Python values, so they load with
 fsync of the folder) and a checkpoint folder ends with `manifest.json` (each file's size and
 sha256, plus the epoch and config hash), written last: `verify_checkpoint` tells a complete folder
 from a truncated, zero-filled or half-copied one, and `move_aside` keeps a damaged one for
-inspection under another name (never deleting it).
+inspection under another name (never deleting it). Both take the pyarrow file system the folder is
+on (`fs`, None: local), so checkpoints in Ray's remote storage (s3://) are checked the same way.
 """
 from __future__ import annotations
 
@@ -34,11 +35,6 @@ MOVED_FILE = "MOVED_ASIDE.txt"  # left where a damaged folder was moved away fro
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def copy_durable(src: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy one local file atomically (temporary name, fsync, rename, fsync of the folder)."""
-    copy_file(src, dest)
 
 
 def copy_checkpoint_files(src: str | os.PathLike, dest: str | os.PathLike,

@@ -27,19 +27,19 @@ from conf.cli import command_line
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer import signals
-from trainer.checkpoint import (MODEL_FILE, copy_checkpoint_files, copy_durable, move_aside, read_manifest,
+from trainer.checkpoint import (MODEL_FILE, copy_checkpoint_files, move_aside, read_manifest,
                                 verify_checkpoint)
 from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
-from trainer.storage import fs_path, is_dir, is_uri, location, storage_fs
+from trainer.storage import copy_file, fs_path, is_dir, is_uri, location, storage_fs
 from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
 from trainer.worker.outcome import TrainingFailed
 from trainer.worker.resume import registered_checkpoints
 
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
-STAGE_PATHS = ("model_path", "evaluated", "ray_path")  # stored relative to the stage folder
+STAGE_PATHS = ("model_path", "evaluated", "ray_path")  # stored relative to the stage folder (URIs as given)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def reusable_stage(stage: Stage, stage_dir: Path, log: Callable[[str], None] = p
     source = final_ray_checkpoint(info) if info is not None and stage.kind == "pretrain" else None
     if source is not None:
         copy_checkpoint_dir(source, stage_dir)
-        copy_durable(moved / STAGE_FILE, stage_dir / STAGE_FILE)  # its paths are relative to this folder
+        copy_file(moved / STAGE_FILE, stage_dir / STAGE_FILE)  # its paths are relative to this folder
         log(f"[recipe] stage {stage.name}: {stage_dir} is damaged ({problem}); moved aside to {moved.name} "
             f"and recopied from the Ray checkpoint {source}")
         return finished_stage(stage_dir)
