@@ -147,9 +147,6 @@ def copy_file(src: str | os.PathLike, dest: str | os.PathLike, src_fs: Any = Non
     """Copy one file, from any storage to any storage, written atomically (`atomic_write`)."""
     import shutil
 
-    if not is_local(src_fs) and src_fs is dest_fs:  # within one object store: a server-side copy
-        src_fs.copy_file(os.fspath(src), os.fspath(dest))
-        return
     with (src_fs or local_fs()).open_input_stream(os.fspath(src)) as f:
         atomic_write(dest, lambda out: shutil.copyfileobj(f, out, CHUNK), dest_fs)
 
