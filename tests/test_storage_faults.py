@@ -25,7 +25,7 @@ BUCKET = "robust-ssl-tests"
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket; AWS_ENDPOINT_URL and dummy credentials point
     pyarrow (and boto3) at it until the module ends."""
-    boto3 = pytest.importorskip("boto3")
+    import boto3  # moto's dependency (the dev extras pin moto[s3])
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
