@@ -67,8 +67,11 @@ def choose_checkpoint(given: str | os.PathLike, run_dir: str | os.PathLike, say:
     folders Ray never registered are removed. `fs`: the storage's pyarrow file system (None: local)."""
     given, run_dir = fs_path(given, fs), fs_path(run_dir, fs)
     registered = registered_checkpoints(run_dir, fs)
+    # Remote storage moves a folder file by file, so one without its manifest may be a move cut
+    # short: never chosen there (one from before manifests existed is moved aside too, kept).
+    legacy_ok = is_local(fs)
     if given.parent != run_dir:  # not one of this run's folders: verify it, touch nothing
-        problem = verify_checkpoint(given, legacy_ok=True, fs=fs)
+        problem = verify_checkpoint(given, legacy_ok=legacy_ok, fs=fs)
         if problem:
             say(f"checkpoint {location(fs, given)} is damaged ({problem}); it is not in this run's storage "
                 "folder, so it is left in place and the stage starts from scratch")
@@ -78,9 +81,7 @@ def choose_checkpoint(given: str | os.PathLike, run_dir: str | os.PathLike, say:
     candidates = [given] + [run_dir / n for n in sorted(set(names), reverse=True) if n < given.name]
     chosen, lines = None, []
     for path in candidates:
-        # Remote storage moves a folder file by file, so one without its manifest may be a move cut
-        # short: never chosen there (one from before manifests existed is moved aside too, kept).
-        problem = verify_checkpoint(path, legacy_ok=is_local(fs), fs=fs)
+        problem = verify_checkpoint(path, legacy_ok=legacy_ok, fs=fs)
         if problem is None:
             chosen = path
             break
