@@ -114,6 +114,11 @@ def _check_recipe(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_paths(cfg: Mapping[str, Any]) -> None:
+    for key, path in (("cluster.storage_path", cfg["cluster"]["storage_path"]),
+                      ("tune.storage_path", cfg["tune"]["storage_path"])):
+        if path and "://" in path and "?" in path:  # run names and stop markers are appended to the path
+            raise invalid(key, path, "a URI with a query (?...) is not supported; give the options as "
+                          "environment variables (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, ...)")
     out = Path(cfg["output_dir"])
     if out.exists() and not out.is_dir():
         raise invalid("output_dir", cfg["output_dir"], "exists and is not a folder; give a folder (it is created)")

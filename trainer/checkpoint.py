@@ -5,17 +5,18 @@ Both hold only tensors and plain Python values, so they load with
 fsync of the folder) and a checkpoint folder ends with `manifest.json` (each file's size and
 sha256, plus the epoch and config hash), written last: `verify_checkpoint` tells a complete folder
 from a truncated, zero-filled or half-copied one, and `move_aside` keeps a damaged one for
-inspection under another name (never deleting it).
+inspection under another name (never deleting it). Both take the pyarrow file system the folder is
+on (`fs`, None: local), so checkpoints in Ray's remote storage (s3://) are checked the same way.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
-import shutil
-from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ import torch
 from conf import ConfigError
 from trainer.models import Encoder, build_encoder
 from trainer.models.dual_bn import has_dual_bn, single_bn_state_dict
+from trainer.storage import (CHUNK, atomic_write, copy_file, exists, file_size, fs_path, fsync_dir, is_file, is_local,
+                             list_dir, local_fs, move_dir, read_bytes)
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -30,66 +33,35 @@ MANIFEST_FILE = "manifest.json"
 MOVED_FILE = "MOVED_ASIDE.txt"  # left where a damaged folder was moved away from (see move_aside)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename / new entry in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """`path` as a whole or not at all: written under a hidden temporary name, fsynced, renamed,
-    the folder fsynced (a crash or a full disk leaves the old file or none, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def copy_durable(src: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy one file atomically (temporary name, fsync, rename, fsync of the folder)."""
-    with open(src, "rb") as f:
-        atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
-
-
 def copy_checkpoint_files(src: str | os.PathLike, dest: str | os.PathLike,
-                          after_each: Callable[[], None] | None = None) -> None:
-    """The files of checkpoint folder `src` into the existing folder `dest`, each atomically, the manifest
-    last (a copy cut short has no manifest, so it never verifies); hidden temporaries are skipped."""
-    for name in sorted(os.listdir(src), key=lambda n: (n == MANIFEST_FILE, n)):
-        if not name.startswith("."):
-            copy_durable(os.path.join(src, name), Path(dest) / name)
-            if after_each is not None:
-                after_each()
+                          after_each: Callable[[], None] | None = None, src_fs: Any = None,
+                          dest_fs: Any = None) -> None:
+    """The files of checkpoint folder `src` into the folder `dest` (local: it must exist), each
+    atomically, the manifest last (a copy cut short has no manifest, so it never verifies); hidden
+    temporaries are skipped. `src_fs` / `dest_fs`: pyarrow file systems (None: local)."""
+    names = [n for n, is_dir in list_dir(src_fs, src) if not is_dir and not n.startswith(".")]
+    for name in sorted(names, key=lambda n: (n == MANIFEST_FILE, n)):
+        copy_file(fs_path(src, src_fs) / name, fs_path(dest, dest_fs) / name, src_fs, dest_fs)
+        if after_each is not None:
+            after_each()
 
 
-def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+def file_digest(path: str | os.PathLike, fs: Any = None) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with (fs or local_fs()).open_input_stream(os.fspath(path)) as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
 
 
 def write_manifest(directory: str | os.PathLike, **meta: Any) -> dict[str, Any]:
-    """Record size and sha256 of every file in `directory` (hidden temporaries excluded) in
+    """Record size and sha256 of every file in the local `directory` (hidden temporaries excluded) in
     manifest.json, written last and atomically: a folder with a manifest was complete once."""
     d = Path(directory)
     files = {}
@@ -102,61 +74,69 @@ def write_manifest(directory: str | os.PathLike, **meta: Any) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(directory: str | os.PathLike, legacy_ok: bool = False) -> str | None:
+def read_manifest(directory: str | os.PathLike, fs: Any = None) -> dict[str, Any]:
+    return json.loads(read_bytes(fs, fs_path(directory, fs) / MANIFEST_FILE))
+
+
+def verify_checkpoint(directory: str | os.PathLike, legacy_ok: bool = False, fs: Any = None) -> str | None:
     """What is wrong with the checkpoint folder `directory` ("<file>: <what>"), or None if every file
     its manifest lists is there with the recorded size and sha256. `legacy_ok`: a folder without a
-    manifest (written before manifests existed) passes if each of its .pt files loads."""
-    d = Path(directory)
-    if (d / MOVED_FILE).exists():
-        return f"{MOVED_FILE}: moved aside earlier ({(d / MOVED_FILE).read_text().strip()})"
-    if not (d / MANIFEST_FILE).exists():
-        return _legacy_problem(d) if legacy_ok else f"{MANIFEST_FILE}: missing"
+    manifest (written before manifests existed) passes if each of its .pt files loads. `fs`: the
+    pyarrow file system it is on (None: local)."""
+    d = fs_path(directory, fs)
+    if exists(fs, d / MOVED_FILE):
+        return f"{MOVED_FILE}: moved aside earlier ({read_bytes(fs, d / MOVED_FILE).decode().strip()})"
+    if not exists(fs, d / MANIFEST_FILE):
+        return _legacy_problem(d, fs) if legacy_ok else f"{MANIFEST_FILE}: missing"
     try:
-        files = json.loads((d / MANIFEST_FILE).read_text())["files"]
+        files = read_manifest(d, fs)["files"]
         expected = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST_FILE}: unreadable ({type(e).__name__})"
     for name, (size, sha) in expected.items():
-        if not (d / name).is_file():
+        if not is_file(fs, d / name):
             return f"{name}: missing"
-        actual = (d / name).stat().st_size
+        actual = file_size(fs, d / name)
         if actual != size:
             return f"{name}: {actual} bytes, the manifest says {size} (truncated or partly written)"
-        if file_digest(d / name)[1] != sha:
+        if file_digest(d / name, fs)[1] != sha:
             return f"{name}: sha256 differs from the manifest (overwritten or zero-filled)"
     return None
 
 
-def _legacy_problem(d: Path) -> str | None:
-    for p in sorted(d.glob("*.pt")):
+def _legacy_problem(d: PurePosixPath, fs: Any) -> str | None:
+    for name in [n for n, is_dir in list_dir(fs, d) if not is_dir and n.endswith(".pt")]:
         try:
-            torch.load(p, map_location="cpu", weights_only=True)
+            torch.load(io.BytesIO(read_bytes(fs, d / name)), map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, zero-filled, not a torch file
             first = (str(e).strip().splitlines() or [""])[0][:120]
-            return f"{p.name}: cannot be loaded ({type(e).__name__}: {first})"
+            return f"{name}: cannot be loaded ({type(e).__name__}: {first})"
     return None
 
 
-def damaged_name(path: str | os.PathLike) -> Path:
+def damaged_name(path: str | os.PathLike, fs: Any = None) -> PurePosixPath:
     """`<name>.damaged-<n>` beside `path`, n the first number not taken."""
-    path = Path(path)
+    path = fs_path(path, fs)
     n = 1
-    while path.with_name(f"{path.name}.damaged-{n}").exists():
+    while exists(fs, path.with_name(f"{path.name}.damaged-{n}")):
         n += 1
     return path.with_name(f"{path.name}.damaged-{n}")
 
 
-def move_aside(path: str | os.PathLike, reason: str, placeholder: bool = False) -> Path:
-    """Rename a damaged file or folder to `damaged_name(path)` (never delete it); returns the new path.
-    `placeholder`: leave an empty folder with MOVED_FILE at the old name, for a bookkeeper that still
-    lists it (Ray's checkpoint manager refuses a snapshot naming a missing folder and fails deleting one)."""
-    path = Path(path)
-    dest = damaged_name(path)
-    os.rename(path, dest)
+def move_aside(path: str | os.PathLike, reason: str, placeholder: bool = False, fs: Any = None) -> PurePosixPath:
+    """Move a damaged folder to `damaged_name(path)` (never delete it; in an object store: copy, then
+    delete the original); returns the new path. `placeholder`: leave a folder with only MOVED_FILE at
+    the old name, for a bookkeeper that still lists it (Ray's checkpoint manager refuses a snapshot
+    naming a missing folder and fails deleting one)."""
+    path = fs_path(path, fs)
+    dest = damaged_name(path, fs)
+    move_dir(fs, path, dest, last=MANIFEST_FILE)
     if placeholder:
-        path.mkdir()
-        atomic_write(path / MOVED_FILE, lambda f: f.write(f"to {dest.name}: {reason}\n".encode()))
-    fsync_dir(path.parent)
+        if is_local(fs):
+            path.mkdir()
+        atomic_write(path / MOVED_FILE, lambda f: f.write(f"to {dest.name}: {reason}\n".encode()), fs)
+    if is_local(fs):
+        fsync_dir(path.parent)
     return dest
 
 

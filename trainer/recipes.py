@@ -27,18 +27,19 @@ from conf.cli import command_line
 from conf.rules import bundled
 from data_pipeline.write import beton_path, ensure_betons
 from trainer import signals
-from trainer.checkpoint import (MANIFEST_FILE, MODEL_FILE, copy_checkpoint_files, copy_durable, move_aside,
+from trainer.checkpoint import (MODEL_FILE, copy_checkpoint_files, move_aside, read_manifest,
                                 verify_checkpoint)
 from trainer.evaluation.datasets import check_eval_inputs, ensure_eval_betons, surrogate_path
 from trainer.launch import init_ray, inside_ray_job, run_train_stage
 from trainer.results import write_results
+from trainer.storage import copy_file, fs_path, is_dir, is_uri, location, storage_fs
 from trainer.worker import RunMismatchError, evaluate_loop, pretrain_loop
 from trainer.worker.outcome import TrainingFailed
 from trainer.worker.resume import registered_checkpoints
 
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
-STAGE_PATHS = ("model_path", "evaluated", "ray_path")  # stored relative to the stage folder
+STAGE_PATHS = ("model_path", "evaluated", "ray_path")  # stored relative to the stage folder (URIs as given)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def finished_stage(stage_dir: Path) -> dict[str, Any] | None:
         return None
     info = json.loads(done.read_text())
     for key in STAGE_PATHS:
-        if info.get(key):
+        if info.get(key) and not is_uri(info[key]):  # s3://...: Ray's remote storage, kept as it is
             path = Path(info[key])
             if key == "model_path" and path.is_absolute() and not path.exists():
                 path = Path(path.name)  # a legacy record of a folder that has moved since
@@ -133,16 +134,18 @@ def stage_record(info: Mapping[str, Any], stage_dir: Path, output_dir: str) -> d
     stored = dict(info)
     for key in STAGE_PATHS:
         path = Path(str(info.get(key) or "")).absolute()
-        if info.get(key) and (path == out or out in path.parents):
+        if info.get(key) and not is_uri(info[key]) and (path == out or out in path.parents):
             stored[key] = os.path.relpath(path, stage_dir.absolute())
     return stored
 
 
 def copy_checkpoint_dir(src: str | os.PathLike, dest: Path) -> None:
-    """The files of a checkpoint folder into `dest`, each atomically, its manifest last; then verified
-    (a full disk or a damaged source stops here, not when the next stage loads the model)."""
+    """The files of a checkpoint folder (a local path or a URI: s3://...) into `dest`, each atomically,
+    its manifest last; then verified (a full disk or a damaged source stops here, not when the next
+    stage loads the model)."""
     dest.mkdir(parents=True, exist_ok=True)
-    copy_checkpoint_files(src, dest)
+    src_fs, src_path = storage_fs(src)
+    copy_checkpoint_files(src_path, dest, src_fs=src_fs)
     problem = verify_checkpoint(dest, legacy_ok=True)
     if problem:
         raise RuntimeError(f"copying the checkpoint {src} into {dest} gave a damaged copy ({problem}); "
@@ -182,7 +185,7 @@ def reusable_stage(stage: Stage, stage_dir: Path, log: Callable[[str], None] = p
     source = final_ray_checkpoint(info) if info is not None and stage.kind == "pretrain" else None
     if source is not None:
         copy_checkpoint_dir(source, stage_dir)
-        copy_durable(moved / STAGE_FILE, stage_dir / STAGE_FILE)  # its paths are relative to this folder
+        copy_file(moved / STAGE_FILE, stage_dir / STAGE_FILE)  # its paths are relative to this folder
         log(f"[recipe] stage {stage.name}: {stage_dir} is damaged ({problem}); moved aside to {moved.name} "
             f"and recopied from the Ray checkpoint {source}")
         return finished_stage(stage_dir)
@@ -191,18 +194,20 @@ def reusable_stage(stage: Stage, stage_dir: Path, log: Callable[[str], None] = p
     return None
 
 
-def final_ray_checkpoint(info: Mapping[str, Any]) -> Path | None:
-    """The newest registered checkpoint of the stage's Ray run if it verifies and holds the stage's last
-    epoch (what its run folder was copied from), else None."""
-    ray_path = Path(str(info.get("ray_path") or ""))
-    names = registered_checkpoints(ray_path) if info.get("ray_path") and ray_path.is_dir() else None
+def final_ray_checkpoint(info: Mapping[str, Any]) -> str | None:
+    """The newest registered checkpoint of the stage's Ray run (local or remote storage: its path or
+    URI) if it verifies and holds the stage's last epoch (what its run folder was copied from), else None."""
+    if not info.get("ray_path"):
+        return None
+    fs, ray_path = storage_fs(str(info["ray_path"]))
+    names = registered_checkpoints(ray_path, fs) if is_dir(fs, ray_path) else None
     if not names:
         return None
-    newest = ray_path / max(names)
-    if verify_checkpoint(newest) is not None:
+    newest = fs_path(ray_path, fs) / max(names)
+    if verify_checkpoint(newest, fs=fs) is not None:
         return None
-    epoch = json.loads((newest / MANIFEST_FILE).read_text()).get("epoch")
-    return newest if epoch == (info.get("metrics") or {}).get("epoch", epoch) else None
+    epoch = read_manifest(newest, fs).get("epoch")
+    return location(fs, newest) if epoch == (info.get("metrics") or {}).get("epoch", epoch) else None
 
 
 def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str], stage_dir: Path, run_name: str,
@@ -230,7 +235,7 @@ def run_stage(cfg: Mapping[str, Any], stage: Stage, artifacts: Mapping[str, str]
         _copy_checkpoint(result, stage_dir)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     info = {"model_path": str(stage_dir / MODEL_FILE) if stage.kind == "pretrain" else None, "metrics": metrics,
-            "seconds": time.time() - t0, "ray_path": result.path}
+            "seconds": time.time() - t0, "ray_path": location(result.filesystem, result.path)}
     if stage.kind == "evaluate":
         info["evaluated"] = artifacts[stage.needs[0]]
     stage_dir.mkdir(parents=True, exist_ok=True)

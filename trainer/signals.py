@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from conf import RunStopped
+from trainer.storage import exists, is_uri, storage_fs
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_FILE = "stop_requested"
@@ -152,18 +153,12 @@ def tune_graceful_stop(signum: int = signal.SIGUSR1, frame: Any = None) -> bool:
 
 def stop_file(run_path: str) -> str:
     """The stop marker of the Train run stored at `run_path` (trainer.launch.trainer_path: a local path or a URI)."""
-    base = run_path if "://" in run_path else str(Path(run_path).expanduser().absolute())
+    base = run_path if is_uri(run_path) else str(Path(run_path).expanduser().absolute())
     return f"{base.rstrip('/')}/{STOP_FILE}"
 
 
-def _fs(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
 def request_stop(uri: str) -> None:
-    fs, path = _fs(uri)
+    fs, path = storage_fs(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(b"stop after the current step\n")
@@ -171,10 +166,8 @@ def request_stop(uri: str) -> None:
 
 def clear_stop(uri: str) -> None:
     """Remove a marker left by an earlier, interrupted run (it would stop this one at once)."""
-    import pyarrow.fs
-
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+    fs, path = storage_fs(uri)
+    if exists(fs, path):
         fs.delete_file(path)
 
 

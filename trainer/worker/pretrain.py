@@ -24,7 +24,7 @@ from trainer.progress import Progress
 import trainer.worker.outcome as outcome
 from trainer.worker.context import ddp_wrapper, new_checkpoint_dir, setup_worker
 from trainer.worker.hooks import EpochHook, default_hooks
-from trainer.worker.resume import atomic_upload, local_storage_dir, resume_checkpoint
+from trainer.worker.resume import atomic_upload, resume_checkpoint
 from trainer.worker.state import TrainState
 from trainer.worker.stop import StopRequest
 from trainer.worker.step import TrainStep, prepare_method
@@ -124,7 +124,7 @@ def train_epoch(state: TrainState, train_step: TrainStep, hooks: Sequence[EpochH
 def report_epoch(cfg: Mapping[str, Any], state: TrainState, encoder: Encoder, report: dict[str, Any],
                  ctx: WorkerContext) -> dict[str, float]:
     """Checkpoint (rank 0 writes it, every rank's own state is in it, manifest last) and `ray.train.report`
-    (uploading it atomically on local storage); their seconds."""
+    (uploading it atomically); their seconds."""
     import ray.train
 
     t, slow = time.perf_counter(), float(cfg["cluster"]["debug"]["slow_checkpoint_write_s"])
@@ -137,9 +137,8 @@ def report_epoch(cfg: Mapping[str, Any], state: TrainState, encoder: Encoder, re
         if slow:  # fault tests: as if each file took `slow` seconds to write (locally, then into storage)
             time.sleep(slow * len(os.listdir(directory)))
     written = time.perf_counter()
-    upload = {}
-    if directory and local_storage_dir() is not None:  # atomic into storage: no half-copied checkpoint_*
-        upload["checkpoint_upload_fn"] = atomic_upload(slow)
+    # atomic into storage (local or remote): no half-copied checkpoint_* folder verifies
+    upload = {"checkpoint_upload_fn": atomic_upload(slow)} if directory else {}
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      **upload)
     if directory:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed import WorkerContext
+from trainer.storage import exists, storage_fs
 
 POLL_S = 0.5
 
@@ -22,9 +23,7 @@ class StopRequest:
     def __init__(self, uri: str | None, ctx: WorkerContext) -> None:
         self.fs, self.path, self.seen, self.last = None, "", False, 0.0
         if uri:
-            import pyarrow.fs
-
-            self.fs, self.path = pyarrow.fs.FileSystem.from_uri(uri)
+            self.fs, self.path = storage_fs(uri)
         # Every rank creates the group in the same order (here, before the first epoch).
         self.group = dist.new_group(backend="gloo") if ctx.world_size > 1 and dist.is_initialized() else None
 
@@ -33,10 +32,8 @@ class StopRequest:
             return self.seen
         now = time.monotonic()
         if now - self.last >= POLL_S:
-            import pyarrow.fs
-
             self.last = now
-            self.seen = self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+            self.seen = exists(self.fs, self.path)
         return self.seen
 
     def requested(self) -> bool:
