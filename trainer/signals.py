@@ -24,11 +24,10 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from conf import RunStopped
-from trainer.storage import exists, is_uri, storage_fs
+from trainer.storage import absolute_location, exists, storage_fs, write_text
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_FILE = "stop_requested"
@@ -153,15 +152,11 @@ def tune_graceful_stop(signum: int = signal.SIGUSR1, frame: Any = None) -> bool:
 
 def stop_file(run_path: str) -> str:
     """The stop marker of the Train run stored at `run_path` (trainer.launch.trainer_path: a local path or a URI)."""
-    base = run_path if is_uri(run_path) else str(Path(run_path).expanduser().absolute())
-    return f"{base.rstrip('/')}/{STOP_FILE}"
+    return f"{absolute_location(run_path).rstrip('/')}/{STOP_FILE}"
 
 
 def request_stop(uri: str) -> None:
-    fs, path = storage_fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(b"stop after the current step\n")
+    write_text(uri, "stop after the current step\n")
 
 
 def clear_stop(uri: str) -> None:

@@ -48,6 +48,29 @@ def storage_fs(location: str | os.PathLike) -> tuple[Any, str]:
     return pyarrow.fs.FileSystem.from_uri(text)
 
 
+def absolute_location(location: str | os.PathLike) -> str:
+    """A URI as given, a local path made absolute (a marker other processes find from any folder)."""
+    text = os.fspath(location)
+    return text if is_uri(text) else str(Path(text).expanduser().absolute())
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    """Write a small text file at a local path or URI, its folder created (a marker, an answer)."""
+    fs, path = storage_fs(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(location: str | os.PathLike) -> str | None:
+    """The text of the file at a local path or URI; None if it is not there (or cannot be read)."""
+    fs, path = storage_fs(location)
+    try:
+        return read_bytes(fs, path).decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def fs_path(path: str | os.PathLike, fs: Any) -> PurePosixPath:
     """`path` as a Path on a local file system, else as a pure path (so nothing checks it locally)."""
     return Path(path) if is_local(fs) else PurePosixPath(os.fspath(path))

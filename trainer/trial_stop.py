@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ray.tune import Callback
 
 from trainer import signals
+from trainer.storage import absolute_location, read_text, write_text
 
 BOARD = "stop_requests"
 REQUEST = "request"
@@ -59,33 +60,7 @@ _session = _Session()
 
 def board_path(experiment: str) -> str:
     """Where the driver's request and the trials' acknowledgements live: inside the Tune experiment."""
-    return f"{experiment.rstrip('/')}/{BOARD}"
-
-
-def _write(uri: str, text: str) -> None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def _read(uri: str) -> str | None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _uri(path: str) -> str:
-    from pathlib import Path
-
-    return path if "://" in path else str(Path(path).expanduser().absolute())
+    return f"{absolute_location(experiment).rstrip('/')}/{BOARD}"
 
 
 class StopTrials(Callback):
@@ -93,7 +68,7 @@ class StopTrials(Callback):
     then Tune's graceful stop. `markers(trial)`: the stop markers of that trial's Train run(s)."""
 
     def __init__(self, experiment: str, markers: Callable[[Any], Sequence[str]]) -> None:
-        self.board = board_path(_uri(experiment))
+        self.board = board_path(experiment)
         self.markers = markers
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -105,7 +80,7 @@ class StopTrials(Callback):
         now = time.monotonic()
         if _session.asked_at is None:
             _session.asked_at = now
-            _write(f"{self.board}/{REQUEST}", _session.token)
+            write_text(f"{self.board}/{REQUEST}", _session.token)
         waiting = [t for t in trials if t.status == "RUNNING" and not self._answered(t)]
         if waiting and now - _session.asked_at < WAIT_S:
             if now - _session.written_at >= REWRITE_S:
@@ -122,7 +97,7 @@ class StopTrials(Callback):
 
     def _answered(self, trial: Any) -> bool:
         """The trial acknowledged this driver's request, and Tune has its last finished epoch."""
-        text = _read(f"{self.board}/{trial.trial_id}")
+        text = read_text(f"{self.board}/{trial.trial_id}")
         if not text:
             return False
         ack = json.loads(text)
@@ -171,9 +146,9 @@ def park(experiment: str, trial_id: str, epoch: int | None) -> None:
 
     Returning would make Tune record the trial finished (TERMINATED: never resumed), and Tune keeps
     collecting results from a trial that is still running, so the last epoch's report reaches it."""
-    board = board_path(_uri(experiment))
-    token = _read(f"{board}/{REQUEST}") or ""
-    _write(f"{board}/{trial_id}", json.dumps({"token": token.strip(), "epoch": epoch}))
+    board = board_path(experiment)
+    token = read_text(f"{board}/{REQUEST}") or ""
+    write_text(f"{board}/{trial_id}", json.dumps({"token": token.strip(), "epoch": epoch}))
     print(f"[trial {trial_id}] stopped at the driver's request"
           + (f" after epoch {epoch}" if epoch is not None else "") + "; waiting for Tune to end it", flush=True)
     threading.Event().wait()
