@@ -4,7 +4,9 @@ Fast: RNG streams survive torch.save -> torch.load(weights_only=True); run folde
 different config. Slow (Ray Train on a local Ray): a worker killed mid-epoch restarts from the
 last checkpoint (at most one epoch lost); a non-finite loss stops the run without retries and
 keeps the last good checkpoint. (A stopped job resubmitted with the same command resumes, bit for
-bit: tests/test_signals.py, whose Ctrl-C test makes that run anyway.)
+bit: tests/test_signals.py, whose Ctrl-C test makes that run anyway.) A finished run's rerun
+needs no Ray, a copy of its outputs folder reuses its own files and a damaged run-folder model.pt
+is recopied, not reused (issue 17's problems 6 and 7 end to end).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RAY_DEFAULT_TRAIN_POLL_S, TRAIN_POLL_ENV, tiny_overrides
+from conftest import RAY_DEFAULT_TRAIN_POLL_S, ROOT, TRAIN_POLL_ENV, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------- fast
@@ -497,8 +499,8 @@ def test_damaged_newest_checkpoints_fall_back_to_an_older_one(ray_local, data_di
 
 @pytest.mark.slow
 def test_finished_run_is_reused_without_ray_from_its_own_folder_and_verified(data_dir, tmp_path):
-    """Problems 7 and 6 end to end, on a run finished by `python -m trainer.run`: its rerun prints the
-    table without starting Ray (7); a copy of the outputs folder reuses the copy's own files, not the
+    """Problems 7 and 6 end to end, on a run finished by `python -m trainer.run`: its rerun gives the
+    results without starting Ray (7); a copy of the outputs folder reuses the copy's own files, not the
     original's (6); a zero-filled model.pt in the run folder is noticed and recopied from the Ray
     checkpoint, not reused (7)."""
     import shutil
@@ -511,8 +513,8 @@ def test_finished_run_is_reused_without_ray_from_its_own_folder_and_verified(dat
 
     overrides = _tiny_overrides(tmp_path, data_dir, **{"method.train.epochs": "2", "eval.protocols": "[]"})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.run([sys.executable, "-m", "trainer.run", *overrides], cwd=Path(__file__).parent.parent,
-                           env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([sys.executable, "-m", "trainer.run", *overrides], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     cfg = compose(overrides)
     model = Path(cfg["output_dir"]) / cfg["run_name"] / "train" / MODEL_FILE
