@@ -4,7 +4,9 @@ Fast: RNG streams survive torch.save -> torch.load(weights_only=True); run folde
 different config. Slow (Ray Train on a local Ray): a worker killed mid-epoch restarts from the
 last checkpoint (at most one epoch lost); a non-finite loss stops the run without retries and
 keeps the last good checkpoint. (A stopped job resubmitted with the same command resumes, bit for
-bit: tests/test_signals.py, whose Ctrl-C test makes that run anyway.)
+bit: tests/test_signals.py, whose Ctrl-C test makes that run anyway.) A finished run's rerun
+needs no Ray, a copy of its outputs folder reuses its own files and a damaged run-folder model.pt
+is recopied, not reused (issue 17's problems 6 and 7 end to end).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RAY_DEFAULT_TRAIN_POLL_S, TRAIN_POLL_ENV, tiny_overrides
+from conftest import RAY_DEFAULT_TRAIN_POLL_S, ROOT, TRAIN_POLL_ENV, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------- fast
@@ -54,14 +56,18 @@ def test_rng_state_round_trip_with_weights_only():
     assert draw() == expected
 
 
-def _tiny_cfg(tmp_path: Path, data_dir: Path, **extra):
-    from conf import compose
-
+def _tiny_overrides(tmp_path: Path, data_dir: Path, **extra: str) -> list[str]:
     base = {"method": "simclr", "recipe": "pretrain", "data.beton_dir": str(data_dir), "data.resolution": "16",
             "data.val_fraction": "0.75", "method.train.batch_size": "64", "method.train.optimizer": "sgd",
             "method.train.lr": "0.1", "cluster.cpus_per_worker": "1"}
     base.update(extra)
-    return compose(tiny_overrides(tmp_path, **base))
+    return tiny_overrides(tmp_path, **base)
+
+
+def _tiny_cfg(tmp_path: Path, data_dir: Path, **extra):
+    from conf import compose
+
+    return compose(_tiny_overrides(tmp_path, data_dir, **extra))
 
 
 def test_run_folder_refuses_a_different_config(tmp_path):
@@ -489,6 +495,54 @@ def test_damaged_newest_checkpoints_fall_back_to_an_older_one(ray_local, data_di
     assert again["metrics"]["epoch"] == 4 and verify_checkpoint(stage_dir) is None
     assert lines[0].endswith(f"moved aside to train.damaged-1 and recopied from the Ray checkpoint {live[-1]}")
     assert lines[1].startswith("[recipe] stage train: already complete")
+
+
+@pytest.mark.slow
+def test_finished_run_is_reused_without_ray_from_its_own_folder_and_verified(data_dir, tmp_path):
+    """Problems 7 and 6 end to end, on a run finished by `python -m trainer.run`: its rerun gives the
+    results without starting Ray (7); a copy of the outputs folder reuses the copy's own files, not the
+    original's (6); a zero-filled model.pt in the run folder is noticed and recopied from the Ray
+    checkpoint, not reused (7)."""
+    import shutil
+
+    import ray
+
+    from conf import compose
+    from trainer.checkpoint import MODEL_FILE, load_encoder
+    from trainer.recipes import run_recipe
+
+    overrides = _tiny_overrides(tmp_path, data_dir, **{"method.train.epochs": "2", "eval.protocols": "[]"})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.run([sys.executable, "-m", "trainer.run", *overrides], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    cfg = compose(overrides)
+    model = Path(cfg["output_dir"]) / cfg["run_name"] / "train" / MODEL_FILE
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        lines: list[str] = []
+        run_recipe(cfg, log=lines.append)
+        assert not ray.is_initialized(), "the rerun of a finished run started Ray"
+        assert all("already complete" in line for line in lines if line.startswith("[recipe] stage ")), lines
+
+        copy = tmp_path / "copy"
+        shutil.copytree(tmp_path / "out", copy / "out")
+        copied = compose(_tiny_overrides(copy, data_dir, **{"method.train.epochs": "2", "eval.protocols": "[]"}))
+        assert copied["run_name"] == cfg["run_name"]
+        lines.clear()
+        run_recipe(copied, log=lines.append)
+        reused = [line for line in lines if "stage train: already complete, reusing" in line]
+        assert reused and reused[0].endswith(str(copy / "out" / cfg["run_name"] / "train" / MODEL_FILE)), lines
+
+        _zero_fill(model)
+        lines.clear()
+        run_recipe(cfg, log=lines.append)
+        assert model.read_bytes() != bytes(model.stat().st_size), f"the zero-filled {model} was reused: {lines}"
+        load_encoder(model)
+        assert not ray.is_initialized(), "recopying from the Ray checkpoint started Ray"
+    finally:
+        ray.shutdown()
 
 
 class _Killer:
