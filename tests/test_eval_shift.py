@@ -94,6 +94,21 @@ def test_results_keep_transfer_and_in_domain_apart():
     assert "SLF@stl10" in table and "corruptions mean 50.00" in table and "black-box RA 40.00" in table
 
 
+def test_both_tables_name_autoattacks_threat_model_where_it_is_not_the_pgds():
+    from trainer.results import aa_threat_model, format_table
+
+    rows = results_rows({"student": {"slf_sa": 0.9, "slf_ra": 0.5, "slf_aa": 0.4, "slf_aa_n": 32,
+                                     "slf_n_test": 100}}, ["slf"])
+    same = composed()["eval"]
+    l2 = composed("eval.autoattack.norm=L2", "eval.autoattack.eps=0.5")["eval"]
+    assert aa_threat_model(same) is None
+    assert aa_threat_model(l2) == f"L2, eps 0.5; the PGD: linf, eps {same['pgd']['eps']:.4g}"
+    threat = aa_threat_model(l2)
+    for table in (format_table(rows, 20, threat), format_paper_table(rows, ["slf"], 20, threat)):
+        assert "L2, eps 0.5" in table
+    assert "threat model" not in format_table(rows, 20, aa_threat_model(same))
+
+
 # ----------------------------------------------------------------------------------- corruptions
 
 def test_corruption_files_in_the_published_layout(tmp_path):

@@ -71,15 +71,6 @@ def prepare(cl: CommandLine) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, info
 
 
-def aa_threat_model(ecfg: dict[str, Any]) -> str | None:
-    """AutoAttack's norm and radius when they differ from the reporting PGD's (None: the same)."""
-    aa, pgd = ecfg["autoattack"], ecfg["pgd"]
-    eps = aa["eps"] if aa["eps"] is not None else pgd["eps"]
-    if aa["norm"].lower() == pgd["norm"] and abs(eps - pgd["eps"]) < 1e-12:
-        return None
-    return f"{aa['norm']}, eps {eps:.4g}; the PGD: {pgd['norm']}, eps {pgd['eps']:.4g}"
-
-
 def run(cl: CommandLine) -> int:
     from trainer import signals
 
@@ -92,7 +83,7 @@ def run(cl: CommandLine) -> int:
         print(f"warning: the checkpoint normalises with '{info['stats']}' statistics but the evaluation data is "
               f"'{cfg['data']['name']}' (data.stats={cfg['data']['stats']}); pass data=... to match", file=sys.stderr)
     from trainer.recipes import preflight, run_dir, run_recipe
-    from trainer.results import format_paper_table, write_results
+    from trainer.results import aa_threat_model, format_paper_table, write_results
 
     preflight(cfg)
     results = run_recipe(cfg)

@@ -96,8 +96,18 @@ def _cell(v: float | None, width: int) -> str:
     return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
 
 
-def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
-    """SA / RA on the whole test split; AutoAttack beside SA / RA on the images it attacked."""
+def aa_threat_model(ecfg: dict[str, Any]) -> str | None:
+    """AutoAttack's norm and radius when they differ from the reporting PGD's (None: the same)."""
+    aa, pgd = ecfg["autoattack"], ecfg["pgd"]
+    eps = aa["eps"] if aa["eps"] is not None else pgd["eps"]
+    if aa["norm"].lower() == pgd["norm"] and abs(eps - pgd["eps"]) < 1e-12:
+        return None
+    return f"{aa['norm']}, eps {eps:.4g}; the PGD: {pgd['norm']}, eps {pgd['eps']:.4g}"
+
+
+def format_table(rows: list[dict[str, Any]], pgd_steps: int, aa_threat: str | None = None) -> str:
+    """SA / RA on the whole test split; AutoAttack beside SA / RA on the images it attacked; `aa_threat`
+    (aa_threat_model) names AutoAttack's threat model where it is not the PGD's."""
     ra = f"RA(PGD-{pgd_steps})"
     pw = max([10] + [len(r["protocol"]) + 2 for r in rows])
     head = f"{'model':<12}{'protocol':<{pw}}{'SA':>8}{ra:>12} |{'AA n':>6}{'SA':>8}{ra:>12}{'AA':>8}"
@@ -108,6 +118,8 @@ def format_table(rows: list[dict[str, Any]], pgd_steps: int) -> str:
     n_test = {r["n_test"] for r in rows}
     lines.append(f"Left: the whole test split ({'/'.join(map(str, sorted(n_test)))} images). Right: the first AA n "
                  "test images,\nwhere AutoAttack ran, with SA and RA on those same images. All in %.")
+    if aa_threat:
+        lines.append(f"AA: AutoAttack's threat model is {aa_threat}.")
     return "\n".join(lines + shift_lines(rows))
 
 

@@ -23,14 +23,14 @@ def run(cl: CommandLine) -> int:
         print(json.dumps(cfg, indent=2))
         return 0
     from trainer.recipes import preflight, run_recipe
-    from trainer.results import format_table
+    from trainer.results import aa_threat_model, format_table
 
     preflight(cfg)
     if cfg["seeds"]:
         return run_several_seeds(cfg)
     results = run_recipe(cfg)
     print()
-    print(format_table(results["table"], int(cfg["eval"]["pgd"]["steps"])))
+    print(format_table(results["table"], int(cfg["eval"]["pgd"]["steps"]), aa_threat_model(cfg["eval"])))
     print(f"\nresults: {results['run_dir']}/results.json  (csv beside it); models: "
           + ", ".join(f"{k}={v}" for k, v in results["artifacts"].items()))
     return 0
