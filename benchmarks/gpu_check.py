@@ -5,7 +5,11 @@ gradients are close to fp32's. One JSON to --out.
 
 Imports torch, the config composer and the project's step; no FFCV and no Ray. A time budget
 (--budget-s) keeps the whole check inside a GPU loan: variants left when it is spent are recorded
-as skipped. `--dry-run`: CPU, a tiny model, eager only (inductor takes minutes on CPU), seconds.
+as skipped. `--dry-run`: CPU, a tiny model, seconds: the eager variants, and one compiled variant
+(DRY_COMPILED) with torch.compile's "eager" backend: the same compile path (prepare_method,
+freeze_params_in_attack's auto following compile), dynamo tracing every graph, guard and
+recompile of each method's step as for inductor, but no code generated (inductor takes minutes
+on CPU); the GEMM peak on a small matrix.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ METHODS = ("deacl", "acl_ds", "rocl")
 # (precision, channels_last, compile): eager first, then compiled bf16 (the GPU default), then fp32
 VARIANTS = [(p, cl, False) for p in ("bf16", "fp32") for cl in (True, False)] + \
            [("bf16", True, True), ("fp32", True, True), ("bf16", False, True)]
+# the one compiled variant the dry run traces (~2 s of dynamo per method on CPU): the GPU default
+DRY_COMPILED = ("bf16", True, True)
 # bf16 keeps 8 mantissa bits; through ~20 conv + BN layers the clean step's gradients measured a
 # cosine of 0.90-0.95 to fp32's on the dry run's width-4 model, its loss within 0.4%
 GRAD_COSINE_MIN, LOSS_REL_MAX = 0.9, 0.01
@@ -43,6 +49,7 @@ def step_args(args: argparse.Namespace, precision: str, channels_last: bool, com
     return argparse.Namespace(model="resnet18", width=4 if tiny else 0, proj_hidden_dim=32 if tiny else 0,
                               batch=args.batch or (8 if tiny else 512), res=16 if tiny else 32,
                               precision=precision, channels_last=channels_last, compile=compile_,
+                              compile_backend="eager" if tiny else "inductor",
                               freeze="auto", steps=args.steps or (1 if tiny else 5), rounds=1 if tiny else 3,
                               warmup=1, profile=False)
 
@@ -53,6 +60,8 @@ def measure(name: str, sargs: argparse.Namespace, device: torch.device, tmp: str
     t0 = time.perf_counter()
     row = timed_step(name, sargs, device, tmp, flops, peaks[sargs.precision])
     row["seconds_with_warmup"] = time.perf_counter() - t0
+    if sargs.compile:
+        row["compile_backend"] = sargs.compile_backend
     return row
 
 
@@ -104,6 +113,19 @@ def cuda_tests(log: str) -> dict[str, Any]:
     return {"ran": True, "rc": int(os.environ.get("GPU_CHECK_TESTS_RC", "-1")), "summary": lines[-1] if lines else ""}
 
 
+def variant_key(precision: str, channels_last: bool, compile_: bool) -> str:
+    return f"{precision}_{'channels_last' if channels_last else 'nchw'}_{'compile' if compile_ else 'eager'}"
+
+
+def skip_reason(args: argparse.Namespace, variant: tuple[str, bool, bool], elapsed_s: float) -> str:
+    """Why a variant is not measured ('' when it is)."""
+    if args.dry_run and variant[2] and variant != DRY_COMPILED:
+        return f"dry run: only {variant_key(*DRY_COMPILED)} is traced"
+    if elapsed_s > args.budget_s:
+        return f"time budget ({args.budget_s:.0f} s) spent"
+    return ""
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cpu" if args.dry_run else "cuda")
     start = time.perf_counter()
@@ -111,8 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     out: dict[str, Any] = {"machine": machine(), "dry_run": args.dry_run, "device": str(device),
                            "note": "fp32 convolutions use TF32 (torch.backends.cudnn.allow_tf32, torch's default)",
-                           "gemm_peak_flop_s": {"bf16": gemm_peak(device, torch.bfloat16),
-                                                "fp32": gemm_peak(device, torch.float32)},
+                           "gemm_peak_flop_s": {p: gemm_peak(device, dt, n=256 if args.dry_run else 0)
+                                                for p, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))},
                            "cuda_tests": cuda_tests(args.tests_log), "steps": {}, "bf16_vs_fp32": {}}
     print(f"# GEMM peak bf16 {out['gemm_peak_flop_s']['bf16'] / 1e12:.2f} TFLOP/s, fp32 "
           f"{out['gemm_peak_flop_s']['fp32'] / 1e12:.2f} TFLOP/s", flush=True)
@@ -122,16 +144,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"bf16 vs fp32 {name}: {out['bf16_vs_fp32'][name]}", flush=True)
         flops = {name: mfu_flops(name, step_args(args, "fp32", False, False), device, tmp) for name in METHODS}
         out["flops_per_step"] = flops
-        for precision, cl, comp in VARIANTS:
-            key = f"{precision}_{'channels_last' if cl else 'nchw'}_{'compile' if comp else 'eager'}"
+        for variant in VARIANTS:
+            key = variant_key(*variant)
             for name in METHODS:
-                if comp and args.dry_run:
-                    row: dict[str, Any] = {"skipped": "dry run: inductor compiles for minutes on CPU"}
-                elif time.perf_counter() - start > args.budget_s:
-                    row = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
-                else:
-                    row = measure(name, step_args(args, precision, cl, comp), device, tmp, flops[name],
-                                  out["gemm_peak_flop_s"])
+                why = skip_reason(args, variant, time.perf_counter() - start)
+                row = {"skipped": why} if why else measure(name, step_args(args, *variant), device, tmp, flops[name],
+                                                           out["gemm_peak_flop_s"])
                 out["steps"].setdefault(key, {})[name] = row
                 write(out, args.out)  # after every row: a check cut short still leaves its figures
                 print(f"{key:28s} {name:7s} " + (row["skipped"] if "skipped" in row else
@@ -146,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, eager only: seconds")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, one compiled variant traced: seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="start no new variant after this many seconds (one compiled variant takes 1-2 min more)")

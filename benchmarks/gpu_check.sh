@@ -32,6 +32,9 @@ groups=(
   "import hydra, omegaconf, antlr4|hydra_core omegaconf antlr4_python3_runtime"
   "import pydantic, sys; sys.exit(pydantic.VERSION[0] != '2')|pydantic pydantic_core annotated_types typing_inspection typing_extensions"
 )
+# the one compiled wheel (pydantic_core) is built for the GPU image's CPython 3.12 on x86_64
+abi="$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')" || {
+  echo "gpu_check.sh: cannot run '$py' (set PYTHON to a python with PyTorch)" >&2; exit 2; }
 wheels=()
 for g in "${groups[@]}"; do
   check="${g%%|*}"
@@ -42,11 +45,19 @@ for g in "${groups[@]}"; do
       echo "gpu_check.sh: benchmarks/wheels/ has no $name wheel; run benchmarks/wheels/fetch.sh where pip can download" >&2
       exit 2
     fi
+    case "${found[0]##*/}" in
+      *-none-any.whl|*-"$abi"-*"$(uname -m)"*) ;;
+      *) names="${g#*|}"
+         echo "gpu_check.sh: $py ($abi, $(uname -m)) lacks ${names%% *}, and benchmarks/wheels/${found[0]##*/}" \
+              "is built for another Python or machine: install it there (pyproject.toml's pin), or use CPython 3.12 on x86_64" >&2
+         exit 2 ;;
+    esac
     wheels+=("${found[@]}")
   done
 done
-"$py" -c "import yaml, numpy, pytest" 2>/dev/null || {
-  echo "gpu_check.sh: $py lacks PyYAML, numpy or pytest (the GPU image has them; add their wheels to benchmarks/wheels/)" >&2
+"$py" -c "import yaml, numpy, pytest, packaging, torchvision" 2>/dev/null || {
+  echo "gpu_check.sh: $py lacks PyYAML, numpy, pytest, packaging or torchvision (the GPU image has them;" \
+       "add their wheels to benchmarks/wheels/)" >&2
   exit 2
 }
 if [ "${#wheels[@]}" -gt 0 ]; then

@@ -56,17 +56,18 @@ def _best_rate(fn: Callable[[], Any], flops: float, device: torch.device, reps: 
     return flops / best
 
 
-def gemm_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """The machine's matmul FLOP/s for `dtype`: a large square GEMM through torch.mm (8192 on GPU,
-    2048 on CPU). On CPU also the same kind of GEMM through oneDNN (a 1x1 convolution of 1024
-    channels, NHWC), the library the step's convolutions run in, and the faster of the two: on AMD
-    CPUs MKL's sgemm takes a path about half as fast as oneDNN's."""
-    n = 8192 if device.type == "cuda" else 2048
+def gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 0) -> float:
+    """The machine's matmul FLOP/s for `dtype`: a large square GEMM of side n through torch.mm (0:
+    8192 on GPU, 2048 on CPU). On CPU also the same kind of GEMM through oneDNN (a 1x1 convolution
+    of n/2 channels, NHWC), the library the step's convolutions run in, and the faster of the two:
+    on AMD CPUs MKL's sgemm takes a path about half as fast as oneDNN's. A smaller n only tests
+    the code (gpu_check's dry run): the peak it measures is lower."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
     peak = _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n ** 3, device, 20 if device.type == "cuda" else 3)
     if device.type == "cpu":
-        c, hw, batch = 1024, 16, 64
+        c, hw, batch = n // 2, 16, 64
         x = torch.randn(batch, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(c, c, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
         peak = max(peak, _best_rate(lambda: torch.nn.functional.conv2d(x, w), 2.0 * batch * hw * hw * c * c,

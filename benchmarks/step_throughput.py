@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -73,20 +74,33 @@ MFU_METHODS = ("simclr", "deacl", "acl_ds", "rocl", "trades")
 
 def make_cfg(args: argparse.Namespace, method_name: str, attack: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The composed config of one side: the method's and the attack option's values (not the demo
-    preset's 16/255), the benchmark's model, batch and speed options."""
-    from conf import compose
-    from conf.schema import Attack
+    preset's 16/255), the benchmark's model, batch and speed options. The speed options are
+    top-level values: set on the composed base and validated (schema and rules, as a Tune trial's
+    point), so a base is composed once however many variants use it; the run name is derived again."""
+    from conf import default_run_name, validate
 
     ov = [f"model={args.model}", f"method={method_name}", f"attack={attack}", "data.stats=cifar10",
-          f"method.train.batch_size={args.batch}", f"precision={args.precision}",
-          f"channels_last={str(args.channels_last).lower()}", f"compile={str(args.compile).lower()}",
-          f"freeze_params_in_attack={str(args.freeze).lower()}",
-          *(f"method.{k}={v}" for k, v in overrides.items())]
+          f"method.train.batch_size={args.batch}", *(f"method.{k}={v}" for k, v in overrides.items())]
     if args.width:
         ov.append(f"model.width={args.width}")
     if args.proj_hidden_dim:
         ov.append(f"model.proj_hidden_dim={args.proj_hidden_dim}")
-    cfg = compose(ov + (["recipe=pretrain", "teacher.checkpoint=null"] if method_name != "deacl" else []))
+    ov += ["recipe=pretrain", "teacher.checkpoint=null"] if method_name != "deacl" else []
+    cfg = validate({**copy.deepcopy(_composed_cfg(tuple(ov), attack)), "precision": args.precision,
+                    "channels_last": args.channels_last, "compile": args.compile,
+                    "freeze_params_in_attack": args.freeze})
+    cfg["run_name"] = default_run_name(cfg)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_cfg(overrides: tuple[str, ...], attack: str) -> dict[str, Any]:
+    """Composed once per distinct base: a Hydra composition costs ~0.3 s of CPU, and the GPU
+    check builds each method's step in 5 variants, several times (it was most of its dry run)."""
+    from conf import compose
+    from conf.schema import Attack
+
+    cfg = compose(list(overrides))
     cfg["attack"] = Attack.model_validate(yaml.safe_load((CONF / "attack" / f"{attack}.yaml").read_text()) or {}).model_dump()
     return cfg
 
@@ -108,9 +122,10 @@ def build_project(name: str, args: argparse.Namespace, device: torch.device, tmp
     return method, cfg, labels
 
 
-def project_step(method, cfg: dict[str, Any], labels: torch.Tensor, device: torch.device):
-    """prepare_method (layout, compile) + TrainStep, as a function of the views."""
-    prepare_method(method, cfg, device)
+def project_step(method, cfg: dict[str, Any], labels: torch.Tensor, device: torch.device,
+                 backend: str = "inductor"):
+    """prepare_method (layout, compile with `backend`) + TrainStep, as a function of the views."""
+    prepare_method(method, cfg, device, backend=backend)
     step = TrainStep(method, build_optimizer(method.encoder.parameters(), cfg["method"]["train"]), None, cfg, device)
     method.train()
 
@@ -129,7 +144,7 @@ def build_sides(name: str, args: argparse.Namespace, device: torch.device, tmp: 
     # the reference's copies, taken before any layout change or compilation: plain fp32 NCHW
     init = copy.deepcopy(method.encoder)
     ref_teacher = copy.deepcopy(method.teacher) if name == "deacl" else None
-    project, n_views = project_step(method, cfg, labels, device)
+    project, n_views = project_step(method, cfg, labels, device, args.compile_backend)
     attack = {"eps": method.attack.eps, "alpha": method.attack.alpha, "steps": method.attack.steps}
     lr = scaled_lr(mcfg["train"])
     if name == "deacl":
@@ -181,7 +196,8 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, dict[str, Any]]:
           f"device {device}{' (' + info['gpu'] + ')' if device.type == 'cuda' else ''} | "
           f"load avg {' '.join(f'{v:.2f}' for v in info['loadavg_start'])}", flush=True)
     print(f"# width {args.width or 'model default'} ({args.model}), batch {args.batch}, {args.res}x{args.res}, "
-          f"precision {args.precision}, channels_last {args.channels_last}, compile {args.compile}, "
+          f"precision {args.precision}, channels_last {args.channels_last}, "
+          f"compile {args.compile}{f' ({args.compile_backend})' if args.compile else ''}, "
           f"freeze params in attack {args.freeze}; {args.rounds} rounds x {args.steps} steps", flush=True)
     return device, info
 
@@ -253,7 +269,7 @@ def timed_step(name: str, args: argparse.Namespace, device: torch.device, tmp: s
                peak: float) -> dict[str, Any]:
     """img/s, FLOP/s, MFU against `peak` and peak memory of the project step (median of the rounds)."""
     method, cfg, labels = build_project(name, args, device, tmp)
-    step, n_views = project_step(method, cfg, labels, device)
+    step, n_views = project_step(method, cfg, labels, device, args.compile_backend)
     views = step_views(args, n_views, device)
     reset_peak_memory(device)
     timed(step, [views], max(args.warmup, 1), device)  # warm-up (and compilation)
@@ -328,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true",
                    help="project side: auto | true | false")
     p.add_argument("--compile", action="store_true", help="project side: torch.compile the networks")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="--compile's backend; aot_eager and eager trace the graphs and generate no code")
     p.add_argument("--freeze", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true",
                    help="project side: freeze_params_in_attack, auto (with --compile) | true | false")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")

@@ -169,7 +169,7 @@ def test_fused_sgd_matches_the_loop():
 def test_compile_without_compiler_runs_eagerly(tmp_path, monkeypatch):
     import trainer.worker.step as step_mod
 
-    monkeypatch.setattr(step_mod, "compile_available", lambda device: (False, "no compiler (test)"))
+    monkeypatch.setattr(step_mod, "compile_available", lambda device, backend="inductor": (False, "no compiler (test)"))
     cfg, method = _deacl(tmp_path, compile=True)
     lines = []
     prepare_method(method, cfg, torch.device("cpu"), log=lines.append)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds benchmarks/wheels/ where pip can reach the package index: the dependencies that the GPU
-# image's python3 (3.12, x86_64) lacks, at the versions this project pins. The pure-Python wheels
-# are committed; pydantic_core is compiled (2 MB) and fetched here only (.gitignore).
+# image's python3 (3.12, x86_64) lacks, at the versions this project pins. All of them are committed
+# (pydantic_core too: compiled, cp312 manylinux x86_64, 2 MB), since the GPU machine cannot download;
+# run this only to change a version, then check every wheel's Requires-Dist against what is shipped.
 # antlr4-python3-runtime 4.9.3 (omegaconf's pin) exists only as an sdist: its wheel is built.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

@@ -39,11 +39,11 @@ def use_channels_last(cfg: Mapping[str, Any], device: torch.device) -> bool:
     return device.type in ("cuda", "cpu") if v == "auto" else bool(v)
 
 
-def compile_available(device: torch.device) -> tuple[bool, str]:
+def compile_available(device: torch.device, backend: str = "inductor") -> tuple[bool, str]:
     """Whether torch.compile can generate code for `device` here (and why not)."""
     if not hasattr(torch, "compile"):
         return False, "this torch has no torch.compile"
-    if device.type == "cpu":
+    if device.type == "cpu" and backend == "inductor":
         cxx = os.environ.get("CXX") or "c++"
         if not (shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")):
             return False, "inductor needs a C++ compiler on CPU and none was found"
@@ -61,16 +61,18 @@ def _raise_recompile_limit(limit: int = 64) -> None:
 
 def prepare_method(method: Method, cfg: Mapping[str, Any], device: torch.device,
                    wrap: Callable[[nn.Module], nn.Module] | None = None,
-                   log: Callable[[str], None] = print) -> None:
-    """channels_last -> torch.compile -> DDP wrap (wrap=None: no wrapper, e.g. benchmarks)."""
+                   log: Callable[[str], None] = print, backend: str = "inductor") -> None:
+    """channels_last -> torch.compile -> DDP wrap (wrap=None: no wrapper, e.g. benchmarks).
+    backend: torch.compile's; training uses inductor, a benchmark's dry run "eager" (dynamo
+    traces every graph, guards and recompiles as for inductor, and generates no code)."""
     if use_channels_last(cfg, device):
         method.to_channels_last()
     mode = cfg["compile"]
     if mode:
-        ok, why = compile_available(device)
+        ok, why = compile_available(device, backend)
         if ok:
             _raise_recompile_limit()
-            method.compile(**({"mode": mode} if isinstance(mode, str) else {}))
+            method.compile(backend=backend, **({"mode": mode} if isinstance(mode, str) else {}))
         else:
             log(f"compile={mode!r} ignored: {why}; running eagerly")
     if wrap is not None:
