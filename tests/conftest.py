@@ -82,10 +82,17 @@ def ray_local():
     PENDING_CREATION on the driver while the GCS had it ALIVE), hanging the next `fit()`."""
     import ray
 
-    from trainer.launch import local_runtime_env
-
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())
+    start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def start_local_ray() -> None:
+    """ray_local's Ray (also for a test that must shut it down for a while, then give it back)."""
+    import ray
+
+    from trainer.launch import local_runtime_env
+
+    ray.init(address="local", num_cpus=3, log_to_driver=True, runtime_env=local_runtime_env())

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RAY_DEFAULT_TRAIN_POLL_S, ROOT, TRAIN_POLL_ENV, tiny_overrides
+from conftest import RAY_DEFAULT_TRAIN_POLL_S, ROOT, TRAIN_POLL_ENV, start_local_ray, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------- fast
@@ -518,7 +518,8 @@ def test_finished_run_is_reused_without_ray_from_its_own_folder_and_verified(dat
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     cfg = compose(overrides)
     model = Path(cfg["output_dir"]) / cfg["run_name"] / "train" / MODEL_FILE
-    if ray.is_initialized():
+    ray_was_up = ray.is_initialized()  # the module's ray_local, for the tests after this one
+    if ray_was_up:
         ray.shutdown()
     try:
         lines: list[str] = []
@@ -543,6 +544,8 @@ def test_finished_run_is_reused_without_ray_from_its_own_folder_and_verified(dat
         assert not ray.is_initialized(), "recopying from the Ray checkpoint started Ray"
     finally:
         ray.shutdown()
+        if ray_was_up:
+            start_local_ray()
 
 
 class _Killer:
