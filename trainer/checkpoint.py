@@ -24,7 +24,7 @@ import torch
 from conf import ConfigError
 from trainer.models import Encoder, build_encoder
 from trainer.models.dual_bn import has_dual_bn, single_bn_state_dict
-from trainer.storage import (CHUNK, atomic_write, copy_file, exists, file_size, fs_path, fsync_dir, is_file, is_local,
+from trainer.storage import (CHUNK, atomic_write, copy_file, exists, file_size, fs_path, fsync_dir, is_local,
                              list_dir, local_fs, move_dir, read_bytes)
 
 MODEL_FILE = "model.pt"
@@ -94,9 +94,9 @@ def verify_checkpoint(directory: str | os.PathLike, legacy_ok: bool = False, fs:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST_FILE}: unreadable ({type(e).__name__})"
     for name, (size, sha) in expected.items():
-        if not is_file(fs, d / name):
-            return f"{name}: missing"
         actual = file_size(fs, d / name)
+        if actual is None:
+            return f"{name}: missing"
         if actual != size:
             return f"{name}: {actual} bytes, the manifest says {size} (truncated or partly written)"
         if file_digest(d / name, fs)[1] != sha:

@@ -108,8 +108,12 @@ def make_dir(fs: Any, path: str | os.PathLike) -> None:
     (fs or local_fs()).create_dir(os.fspath(path), recursive=True)
 
 
-def file_size(fs: Any, path: str | os.PathLike) -> int:
-    return int(_info(fs, path).size)
+def file_size(fs: Any, path: str | os.PathLike) -> int | None:
+    """The size of the file `path`; None when it is not a file (one metadata request in an object store)."""
+    import pyarrow.fs
+
+    info = _info(fs, path)
+    return int(info.size) if info.type == pyarrow.fs.FileType.File else None
 
 
 def read_bytes(fs: Any, path: str | os.PathLike) -> bytes:
