@@ -17,6 +17,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from trainer.storage import copy_file, is_file
+
 RECORDS = ("result.json", "progress.csv")  # result.json first: it decides whether the others come back
 
 
@@ -31,18 +33,16 @@ def restore_records(local_dir: str, stored_dir: str, fs: Any) -> list[str]:
     """Copy the stored records (on `fs`, a pyarrow FileSystem: local or remote) into `local_dir`
     where it has none; the names copied. Nothing comes back without a stored result.json: the trial's
     epochs are then all replayed (replay_point 0), and a stale progress.csv would repeat them."""
-    import pyarrow.fs
-
     copied: list[str] = []
     for name in RECORDS:
         local, stored = Path(local_dir, name), f"{stored_dir.rstrip('/')}/{name}"
         if local.exists():  # the same Ray session restored the sweep: Tune appends to its own copy
             continue
-        if fs.get_file_info(stored).type != pyarrow.fs.FileType.File:
+        if not is_file(fs, stored):
             if name == RECORDS[0]:
                 return copied
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
-        pyarrow.fs.copy_files(stored, str(local), source_filesystem=fs)
+        copy_file(stored, local, src_fs=fs)
         copied.append(name)
     return copied
