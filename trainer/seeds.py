@@ -134,5 +134,5 @@ def run_seeds(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
         runs[s] = str(run_dir(c))
     summary = summarise(per_seed)
     write_seed_results(folder, per_seed, summary, runs)
-    figure = plot_seeds(summary, folder / "seeds.png") if summary else None  # eval.protocols=[]: no figure
-    return {"dir": str(folder), "summary": summary, "figure": str(figure) if figure else None, "runs": runs}
+    figure = str(plot_seeds(summary, folder / "seeds.png")) if summary else None  # eval.protocols=[]: none
+    return {"dir": str(folder), "summary": summary, "figure": figure, "runs": runs}
